@@ -1,0 +1,45 @@
+"""The single model registry: CLI choices, docs and the shared model tests all derive from `MODELS`.
+
+Register a model by adding one `ModelEntry`; nothing else in the platform names models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from msa.models.base import DataSpec
+from msa.models.baseline import BaselineConfig, BaselineModel
+from msa.platform.config import build_dataclass
+from msa.platform.errors import MsaError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its module class, its config dataclass, and one line about it."""
+
+    model_class: type[nn.Module]
+    config_class: type
+    summary: str
+
+
+MODELS: dict[str, ModelEntry] = {
+    "baseline": ModelEntry(
+        BaselineModel, BaselineConfig, "per-modality masked mean-pool + MLP late fusion"
+    ),
+}
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The registry entry for `name`, or an error listing the registered models."""
+    if name not in MODELS:
+        raise MsaError(f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def build_model(name: str, spec: DataSpec, model_config: dict[str, Any] | None = None) -> nn.Module:
+    """Build model `name` for `spec` with `model_config` overriding its config defaults."""
+    entry = get_entry(name)
+    config = build_dataclass(entry.config_class, model_config or {}, where=f"model_config of {name!r}")
+    return entry.model_class(spec, config)

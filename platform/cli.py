@@ -1,0 +1,167 @@
+"""The `msa` command line: one entry point whose subcommands are the user-facing jobs.
+
+* ``msa train``: train one model in-process through DeepSpeed and print its metrics.
+* ``msa data synth``: write the deterministic synthetic dataset (MMSA pickle, or .npz).
+* ``msa data inspect PATH``: splits, modalities, shapes and label statistics of a dataset.
+* ``msa models``: the model registry.
+
+Bad input ends with one line ``msa: error: ...`` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from msa.platform.errors import MsaError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line (no usage block) with exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise MsaError(f"{self.prog}: {message}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from msa.platform.config import load_yaml_mapping, merge, parse_overrides
+    from msa.platform.train import resolve_config, train_loop
+
+    values = load_yaml_mapping(args.config) if args.config else {}
+    for key in ("model", "data", "out", "seed"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    values = merge(values, parse_overrides(args.overrides))
+    config = resolve_config(values)
+
+    def show(record: dict[str, float]) -> None:
+        metrics = "  ".join(f"{k[6:]} {v:.4g}" for k, v in record.items() if k.startswith("valid_"))
+        mark = " *" if record["improved"] else ""
+        print(f"epoch {int(record['epoch']):3d}  loss {record['train_loss']:.4f}  valid: {metrics}{mark}", flush=True)
+
+    result = train_loop(config, on_epoch=show)
+    print(f"\nbest epoch {result.best_epoch}, selected on valid {result.selection_metric}")
+    print(format_metrics_table(result.valid_metrics, result.test_metrics))
+    print(f"checkpoint: {result.out_dir}  (weights sha256 {result.weights_sha256[:16]}...)")
+
+
+def format_metrics_table(valid: dict[str, float], test: dict[str, float]) -> str:
+    lines = [f"{'metric':<16}{'valid':>10}{'test':>10}"]
+    for name in valid:
+        lines.append(f"{name:<16}{valid[name]:>10.4g}{test[name]:>10.4g}")
+    return "\n".join(lines)
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from msa.platform.readers import write_mmsa_pickle, write_npz
+    from msa.platform.synth import synthesize
+
+    sizes = {"train": args.train, "valid": args.valid, "test": args.test}
+    if min(sizes.values()) < 1:
+        raise MsaError(f"split sizes must be >= 1, got {sizes}")
+    out = Path(args.out)
+    if out.suffix not in (".pkl", ".npz"):
+        raise MsaError(f"--out {out}: use a .pkl (MMSA pickle) or .npz file name")
+    dataset = synthesize(args.task, seed=args.seed, sizes=sizes)
+    (write_npz if out.suffix == ".npz" else write_mmsa_pickle)(dataset, out)
+    print(f"wrote {out}: {dataset.task}, " + ", ".join(f"{s} {len(v)}" for s, v in dataset.splits.items()))
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from msa.platform.readers import load_dataset
+
+    print(describe(load_dataset(args.path, replace_nonfinite=args.replace_nonfinite)))
+
+
+def describe(dataset) -> str:
+    """A human summary of a dataset: what `msa data inspect` prints."""
+    spec = dataset.spec
+    lines = [
+        f"dataset   {dataset.name}  ({dataset.source})",
+        f"task      {dataset.task}, metric suite {dataset.metric_suite}"
+        + (f", {len(dataset.class_names)} classes" if dataset.class_names else ""),
+        "modalities " + ", ".join(f"{m} (T={spec.max_lengths[m]}, d={d})" for m, d in spec.dims.items()),
+    ]
+    for name, split in dataset.splits.items():
+        lines.append(f"\n[{name}] {len(split)} clips")
+        for m in split.features:
+            n = split.lengths[m]
+            lines.append(
+                f"  {m:<7} shape {tuple(split.features[m].shape)}  lengths min {n.min()} mean {n.mean():.1f} max {n.max()}"
+            )
+        y = split.labels
+        if dataset.task == "regression":
+            lines.append(
+                f"  labels  mean {y.mean():.3f} std {y.std():.3f} min {y.min():.3f} max {y.max():.3f}"
+                f"  zero {int((y == 0).sum())}  positive {int((y > 0).sum())}  negative {int((y < 0).sum())}"
+            )
+        else:
+            counts = np.bincount(y, minlength=len(dataset.class_names))
+            present = int((counts > 0).sum())
+            top = ", ".join(f"{dataset.class_names[i]} {counts[i]}" for i in np.argsort(-counts)[:3])
+            lines.append(f"  labels  {present}/{len(counts)} classes present; most frequent: {top}")
+        if split.unimodal_labels:
+            lines.append("  unimodal labels: " + ", ".join(split.unimodal_labels))
+    return "\n".join(lines)
+
+
+def _models(args: argparse.Namespace) -> None:
+    from msa.models.registry import MODELS
+
+    for name, entry in MODELS.items():
+        print(f"{name:<12}{entry.summary}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from msa.models.registry import MODELS
+
+    parser = OneLineParser(prog="msa", description="Sweeps and ensembles for multimodal sentiment analysis.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    train = commands.add_parser("train", help="train one model in-process through DeepSpeed")
+    train.add_argument("--config", help="YAML file of train settings (see msa.platform.train.TrainConfig)")
+    train.add_argument("--model", choices=sorted(MODELS), help="a registered model")
+    train.add_argument("--data", help="dataset: .npz, MMSA .pkl, or MIntRec folder")
+    train.add_argument("--out", help="output folder (must not exist)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. lr=3e-4 model_config.hidden=128")
+    train.set_defaults(run=_train)
+
+    data = commands.add_parser("data", help="create or inspect datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
+    synth = data_commands.add_parser("synth", help="write the deterministic synthetic dataset")
+    synth.add_argument("--task", choices=["regression", "classification"], default="regression")
+    synth.add_argument("--out", required=True, help="output .pkl (MMSA schema) or .npz")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--train", type=int, default=600)
+    synth.add_argument("--valid", type=int, default=200)
+    synth.add_argument("--test", type=int, default=200)
+    synth.set_defaults(run=_synth)
+    inspect = data_commands.add_parser("inspect", help="print splits, modalities, shapes and label statistics")
+    inspect.add_argument("path")
+    inspect.add_argument("--replace-nonfinite", action="store_true", help="read NaN/inf features as 0")
+    inspect.set_defaults(run=_inspect)
+
+    models = commands.add_parser("models", help="list the registered models")
+    models.set_defaults(run=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.run(args)
+    except MsaError as exc:
+        message = " ".join(str(exc).split())
+        print(f"msa: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("msa: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

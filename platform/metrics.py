@@ -1,0 +1,142 @@
+"""Evaluation metrics, exactly as MMSA defines them (see ../shared/MODELS.md).
+
+Three suites, chosen by the dataset's label scale:
+
+* ``mosi`` (CMU-MOSI / CMU-MOSEI, labels in [-3, 3]):
+  ``acc2_has0``/``f1_has0`` (truth >= 0 vs pred >= 0 over all samples), ``acc2_non0``/``f1_non0``
+  (samples with truth == 0 dropped, then > 0 vs > 0), ``acc5`` (clip to [-2, 2], round, exact),
+  ``acc7`` (clip to [-3, 3], round, exact), ``mae``, ``corr`` (Pearson).
+* ``sims`` (CH-SIMS, labels in [-1, 1]): predictions and truth clipped to [-1, 1], then binned:
+  ``acc2`` ([-1, 0] | (0, 1]), ``acc3`` ([-1, -0.1] | (-0.1, 0.1] | (0.1, 1]),
+  ``acc5`` ([-1, -0.7] | (-0.7, -0.1] | (-0.1, 0.1] | (0.1, 0.7] | (0.7, 1]), ``f1`` (weighted, on
+  the 2 bins), ``mae`` and ``corr`` on the clipped values.
+* ``classification`` (MIntRec): ``acc``, ``f1_macro``, ``precision_macro``, ``recall_macro``.
+
+Accuracies and F1 are percentages; MAE and Corr are raw. Rounding is numpy's (half to even), as in
+MMSA. Undefined values: ``corr`` is 0.0 when either side is constant (no linear association can be
+measured); the non0 metrics are NaN when every truth is 0 (there is no sample to score). F1 and
+precision use ``zero_division=0``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+SUITE_METRICS: dict[str, tuple[str, ...]] = {
+    "mosi": ("acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7", "mae", "corr"),
+    "sims": ("acc2", "acc3", "acc5", "f1", "mae", "corr"),
+    "classification": ("acc", "f1_macro", "precision_macro", "recall_macro"),
+}
+
+# Which direction is better for each metric (early stopping, selection): only MAE is minimised.
+METRIC_MODES: dict[str, str] = {
+    name: ("min" if name == "mae" else "max") for names in SUITE_METRICS.values() for name in names
+}
+
+DEFAULT_SELECTION_METRIC = {"mosi": "mae", "sims": "mae", "classification": "acc"}
+
+SIMS_BINS = {
+    "acc2": [-1.01, 0.0, 1.01],
+    "acc3": [-1.01, -0.1, 0.1, 1.01],
+    "acc5": [-1.01, -0.7, -0.1, 0.1, 0.7, 1.01],
+}
+
+
+def pearson(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Pearson correlation; 0.0 when either vector is constant."""
+    if pred.std() == 0 or truth.std() == 0:
+        return 0.0
+    return float(np.corrcoef(pred, truth)[0, 1])
+
+
+def _rounded_accuracy(pred: np.ndarray, truth: np.ndarray, bound: float) -> float:
+    clipped_pred = np.round(np.clip(pred, -bound, bound))
+    clipped_truth = np.round(np.clip(truth, -bound, bound))
+    return 100.0 * float(np.mean(clipped_pred == clipped_truth))
+
+
+def mosi_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """MOSI/MOSEI regression metrics of predictions `pred` against labels `truth`, both ``(N,)``."""
+    pred, truth = _as_float_vectors(pred, truth)
+    has0_pred, has0_truth = pred >= 0, truth >= 0
+    nonzero = truth != 0
+    if nonzero.any():
+        non0_pred, non0_truth = pred[nonzero] > 0, truth[nonzero] > 0
+        acc2_non0 = 100.0 * accuracy_score(non0_truth, non0_pred)
+        f1_non0 = 100.0 * f1_score(non0_truth, non0_pred, average="weighted", zero_division=0)
+    else:
+        acc2_non0 = f1_non0 = math.nan
+    return {
+        "acc2_has0": 100.0 * accuracy_score(has0_truth, has0_pred),
+        "f1_has0": 100.0 * f1_score(has0_truth, has0_pred, average="weighted", zero_division=0),
+        "acc2_non0": acc2_non0,
+        "f1_non0": f1_non0,
+        "acc5": _rounded_accuracy(pred, truth, 2.0),
+        "acc7": _rounded_accuracy(pred, truth, 3.0),
+        "mae": float(np.mean(np.abs(pred - truth))),
+        "corr": pearson(pred, truth),
+    }
+
+
+def _sims_bin(values: np.ndarray, edges: list[float]) -> np.ndarray:
+    """Bin index per value for half-open bins (lo, hi]; values already clipped to [-1, 1]."""
+    return np.searchsorted(np.asarray(edges[1:-1]), values, side="left")
+
+
+def sims_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """CH-SIMS regression metrics; both sides are clipped to [-1, 1] first, as MMSA does."""
+    pred, truth = _as_float_vectors(pred, truth)
+    pred, truth = np.clip(pred, -1.0, 1.0), np.clip(truth, -1.0, 1.0)
+    scores: dict[str, float] = {}
+    for name, edges in SIMS_BINS.items():
+        scores[name] = 100.0 * float(np.mean(_sims_bin(pred, edges) == _sims_bin(truth, edges)))
+    two_pred, two_truth = _sims_bin(pred, SIMS_BINS["acc2"]), _sims_bin(truth, SIMS_BINS["acc2"])
+    scores["f1"] = 100.0 * f1_score(two_truth, two_pred, average="weighted", zero_division=0)
+    scores["mae"] = float(np.mean(np.abs(pred - truth)))
+    scores["corr"] = pearson(pred, truth)
+    return scores
+
+
+def classification_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro F1/precision/recall; `pred` is ``(N,)`` class ids or ``(N, C)`` scores."""
+    pred = np.asarray(pred)
+    if pred.ndim == 2:
+        pred = pred.argmax(axis=1)
+    truth = np.asarray(truth).astype(np.int64)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} does not match truth shape {truth.shape}")
+    return {
+        "acc": 100.0 * accuracy_score(truth, pred),
+        "f1_macro": 100.0 * f1_score(truth, pred, average="macro", zero_division=0),
+        "precision_macro": 100.0 * precision_score(truth, pred, average="macro", zero_division=0),
+        "recall_macro": 100.0 * recall_score(truth, pred, average="macro", zero_division=0),
+    }
+
+
+_SUITE_FUNCTIONS = {"mosi": mosi_metrics, "sims": sims_metrics, "classification": classification_metrics}
+
+
+def compute_metrics(suite: str, pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """All metrics of `suite` for `pred` against `truth`."""
+    if suite not in _SUITE_FUNCTIONS:
+        raise ValueError(f"unknown metric suite {suite!r}; known: {', '.join(SUITE_METRICS)}")
+    return _SUITE_FUNCTIONS[suite](pred, truth)
+
+
+def is_better(metric: str, candidate: float, incumbent: float | None) -> bool:
+    """Whether `candidate` beats `incumbent` on `metric`; NaN never beats anything."""
+    if math.isnan(candidate):
+        return False
+    if incumbent is None or math.isnan(incumbent):
+        return True
+    return candidate < incumbent if METRIC_MODES[metric] == "min" else candidate > incumbent
+
+
+def _as_float_vectors(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
+    truth = np.asarray(truth, dtype=np.float64).reshape(-1)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} does not match truth shape {truth.shape}")
+    return pred, truth

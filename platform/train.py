@@ -1,0 +1,384 @@
+"""`train_loop`: the only training loop. `msa train` runs it in-process; every Ray trial runs it too.
+
+It builds the model from the registry, wraps it with `deepspeed.initialize` (ZeRO stage and
+precision from the config; gloo and fp32 on CPU, NCCL and bf16 on GPU), trains with early
+stopping on a **valid** metric, and writes a checkpoint folder holding the weights, the resolved
+config, valid and test predictions with ids, the metrics, and the weights' SHA-256. Test is
+predicted only for epochs that improve valid and is never used to choose anything.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from msa.models.registry import build_model, get_entry
+from msa.platform.config import build_dataclass, to_plain
+from msa.platform.errors import MsaError
+from msa.platform.features import FeatureSet, Split
+from msa.platform.metrics import DEFAULT_SELECTION_METRIC, METRIC_MODES, SUITE_METRICS, compute_metrics, is_better
+from msa.platform.readers import load_dataset, sha256_path
+
+WEIGHTS_FILE = "model.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; loaded from YAML and ``key=value`` overrides.
+
+    Args:
+        model: a name from the model registry.
+        data: path of the dataset (npz, MMSA pickle or MIntRec folder).
+        out: output folder for the checkpoint; must not exist yet ("" picks one under runs/train).
+        seed: seeds model initialisation and batch order; same seed, same result on CPU.
+        epochs: maximum number of epochs.
+        batch_size: micro-batch per worker.
+        lr, weight_decay: AdamW settings.
+        grad_clip: gradient-norm clip (0 disables).
+        patience: epochs without a valid improvement before stopping.
+        selection_metric: valid metric that picks the best epoch ("" = MAE for regression,
+            accuracy for classification).
+        regression_loss: ``l1`` (MMSA's default) or ``mse``.
+        zero_stage: DeepSpeed ZeRO stage.
+        precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
+        replace_nonfinite: set NaN/inf features to 0 instead of refusing the data.
+        model_config: overrides of the model's own config dataclass.
+    """
+
+    model: str = "baseline"
+    data: str = ""
+    out: str = ""
+    seed: int = 0
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    patience: int = 6
+    selection_metric: str = ""
+    regression_loss: Literal["l1", "mse"] = "l1"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    replace_nonfinite: bool = False
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced (rank 0 also wrote it under `out_dir`)."""
+
+    out_dir: Path
+    best_epoch: int
+    selection_metric: str
+    valid_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    history: list[dict[str, float]]
+    weights_sha256: str
+
+
+class NonFiniteLossError(MsaError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_config(config: TrainConfig | dict[str, Any]) -> TrainConfig:
+    """A validated `TrainConfig` (from a mapping if needed); raises MsaError on bad values."""
+    if isinstance(config, dict):
+        config = build_dataclass(TrainConfig, config, where="train config")
+    get_entry(config.model)
+    for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 1)):
+        if getattr(config, name) < low:
+            raise MsaError(f"train config: {name} must be >= {low}, got {getattr(config, name)}")
+    if config.lr <= 0:
+        raise MsaError(f"train config: lr must be > 0, got {config.lr}")
+    if not config.data:
+        raise MsaError("train config: no data path given (--data PATH or data: in the config)")
+    return config
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _import_deepspeed(use_cuda: bool):
+    """Import DeepSpeed for this device, quietly, without its JIT-built shared-memory op."""
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    # Every init_distributed would otherwise JIT-compile an inference-only op (~40 s, see STACK.md).
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+def _ensure_process_group(deepspeed, use_cuda: bool) -> None:
+    """Join the existing process group (Ray Train) or make a one-rank group for in-process runs."""
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+
+
+def deepspeed_config(config: TrainConfig, precision: str) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": {"stage": config.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class SplitTensors:
+    """A split's arrays moved to the device once; batches are index selections, not copies from disk."""
+
+    def __init__(self, split: Split, device: torch.device, dtype: torch.dtype, task: str):
+        self.features = {m: torch.as_tensor(a, device=device, dtype=dtype) for m, a in split.features.items()}
+        self.lengths = {m: torch.as_tensor(a, device=device) for m, a in split.lengths.items()}
+        label_dtype = torch.float32 if task == "regression" else torch.long
+        self.labels = torch.as_tensor(split.labels, device=device, dtype=label_dtype)
+        self.size = len(split)
+
+    def batch(self, index: torch.Tensor):
+        return (
+            {m: x[index] for m, x in self.features.items()},
+            {m: n[index] for m, n in self.lengths.items()},
+            self.labels[index],
+        )
+
+
+def task_loss(prediction: torch.Tensor, labels: torch.Tensor, task: str, regression_loss: str) -> torch.Tensor:
+    prediction = prediction.float()
+    if task == "classification":
+        return F.cross_entropy(prediction, labels)
+    return F.l1_loss(prediction, labels) if regression_loss == "l1" else F.mse_loss(prediction, labels)
+
+
+@torch.no_grad()
+def predict(engine, data: SplitTensors, task: str, batch_size: int) -> np.ndarray:
+    """Predictions for a whole split: ``(N,)`` scores or ``(N, C)`` class probabilities."""
+    engine.eval()
+    outputs = []
+    for start in range(0, data.size, batch_size):
+        index = torch.arange(start, min(start + batch_size, data.size), device=data.labels.device)
+        features, lengths, _ = data.batch(index)
+        prediction = engine(features, lengths).prediction.float()
+        outputs.append(prediction.softmax(-1) if task == "classification" else prediction)
+    return torch.cat(outputs).cpu().numpy()
+
+
+def train_loop(
+    config: TrainConfig | dict[str, Any],
+    *,
+    dataset: FeatureSet | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train one model with DeepSpeed and write its checkpoint folder.
+
+    Args:
+        config: a `TrainConfig` or a mapping of its fields.
+        dataset: an already-loaded dataset (a sweep shares one); read from ``config.data`` if None.
+        on_epoch: called after each epoch with that epoch's record (losses, valid metrics).
+
+    Returns:
+        The best epoch's valid and test metrics, the history, and where the checkpoint is.
+
+    Raises:
+        MsaError: bad config or data, an existing output folder, or a NaN/inf training loss.
+    """
+    config = resolve_config(config)
+    dataset = dataset if dataset is not None else load_dataset(config.data, replace_nonfinite=config.replace_nonfinite)
+    suite = dataset.metric_suite
+    selection = config.selection_metric or DEFAULT_SELECTION_METRIC[suite]
+    if selection not in SUITE_METRICS[suite]:
+        raise MsaError(
+            f"selection_metric {selection!r} is not a {suite} metric; choose one of {', '.join(SUITE_METRICS[suite])}"
+        )
+    out_dir = Path(config.out or default_out_dir(config, dataset))
+    if out_dir.exists():
+        raise MsaError(f"output folder {out_dir} already exists; choose another --out")
+
+    use_cuda = torch.cuda.is_available()
+    precision = config.precision if config.precision != "auto" else ("bf16" if use_cuda else "fp32")
+    if precision == "bf16" and not use_cuda:
+        raise MsaError("precision bf16 needs a GPU here; use precision=fp32 (or auto) on CPU")
+    config = dataclasses.replace(config, selection_metric=selection, precision=precision)
+    deepspeed = _import_deepspeed(use_cuda)
+    _ensure_process_group(deepspeed, use_cuda)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    seed_everything(config.seed)
+    model = build_model(config.model, dataset.spec, config.model_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(config, precision)
+    )
+    splits = {name: SplitTensors(split, device, dtype, dataset.task) for name, split in dataset.splits.items()}
+    train = splits["train"]
+    order = torch.Generator().manual_seed(config.seed)
+
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"score": None, "epoch": 0}
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        engine.train()
+        sums: dict[str, float] = {}
+        steps = 0
+        permutation = torch.randperm(train.size, generator=order)[rank::world].to(device)
+        for start in range(0, len(permutation), config.batch_size):
+            features, lengths, labels = train.batch(permutation[start : start + config.batch_size])
+            output = engine(features, lengths, labels)
+            loss = task_loss(output.prediction, labels, dataset.task, config.regression_loss)
+            terms = {"task_loss": loss.detach()}
+            for name, value in output.aux_losses.items():
+                loss = loss + engine.module.loss_weights[name] * value.float()
+                terms[name] = value.detach()
+            terms["loss"] = loss.detach()
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"training loss became {loss.item()} at epoch {epoch}, step {steps + 1}; "
+                    "lower lr or check the data"
+                )
+            engine.backward(loss)
+            engine.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+            steps += 1
+        valid_pred = predict(engine, splits["valid"], dataset.task, config.batch_size)
+        valid_metrics = compute_metrics(suite, valid_pred, dataset.splits["valid"].labels)
+        record = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}}
+        record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
+        record["epoch_seconds"] = time.perf_counter() - started
+        improved = is_better(selection, valid_metrics[selection], best["score"])
+        if improved:
+            best.update(
+                score=valid_metrics[selection], epoch=epoch, valid_metrics=valid_metrics,
+                valid_pred=valid_pred,
+                test_pred=predict(engine, splits["test"], dataset.task, config.batch_size),
+                state={k: v.detach().float().cpu().clone() for k, v in _full_state_dict(engine, config).items()},
+            )
+        record["improved"] = float(improved)
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if epoch - best["epoch"] >= config.patience:
+            break
+
+    if best["score"] is None:
+        raise MsaError(f"valid {selection} was NaN in every epoch; nothing to select")
+    test_metrics = compute_metrics(suite, best["test_pred"], dataset.splits["test"].labels)
+    result = TrainResult(
+        out_dir=out_dir, best_epoch=best["epoch"], selection_metric=selection,
+        valid_metrics=best["valid_metrics"], test_metrics=test_metrics, history=history,
+        weights_sha256="",
+    )
+    if rank == 0:
+        result.weights_sha256 = write_checkpoint(out_dir, config, model, dataset, best, result)
+    return result
+
+
+def _full_state_dict(engine, config: TrainConfig) -> dict[str, torch.Tensor]:
+    if config.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            return engine.module.state_dict()
+    return engine.module.state_dict()
+
+
+def default_out_dir(config: TrainConfig, dataset: FeatureSet) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return Path("runs") / "train" / f"{config.model}-{dataset.name}-seed{config.seed}-{stamp}"
+
+
+def _write_predictions(path: Path, split: Split, prediction: np.ndarray, class_names: tuple[str, ...]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        if prediction.ndim == 1:
+            writer.writerow(["id", "label", "prediction"])
+            writer.writerows(zip(split.ids, split.labels.tolist(), prediction.tolist()))
+        else:
+            writer.writerow(["id", "label", "prediction", *[f"prob_{c}" for c in class_names]])
+            for clip, label, probs in zip(split.ids, split.labels.tolist(), prediction.tolist()):
+                writer.writerow([clip, label, int(np.argmax(probs)), *probs])
+
+
+def write_checkpoint(out_dir: Path, config: TrainConfig, model, dataset: FeatureSet, best: dict, result: TrainResult) -> str:
+    """Write the checkpoint folder atomically (a sibling temp folder renamed into place)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
+        torch.save(best["state"], staging / WEIGHTS_FILE)
+        sha = sha256_path(staging / WEIGHTS_FILE)
+        spec = dataset.spec
+        resolved = {
+            **to_plain(config),
+            "model_config": to_plain(model.config),
+            "data_spec": {"dims": spec.dims, "max_lengths": spec.max_lengths, "task": spec.task,
+                          "num_classes": spec.num_classes, "class_names": list(dataset.class_names),
+                          "metric_suite": dataset.metric_suite},
+        }
+        (staging / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        _write_predictions(staging / "predictions_valid.csv", dataset.splits["valid"], best["valid_pred"], dataset.class_names)
+        _write_predictions(staging / "predictions_test.csv", dataset.splits["test"], best["test_pred"], dataset.class_names)
+        with (staging / "history.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(result.history[0]))
+            writer.writeheader()
+            writer.writerows(result.history)
+        metrics = {
+            "model": config.model, "dataset": dataset.name,
+            "dataset_fingerprint": sha256_path(dataset.source) if Path(dataset.source).exists() else None,
+            "seed": config.seed, "best_epoch": result.best_epoch, "selection_metric": result.selection_metric,
+            "selection_mode": METRIC_MODES[result.selection_metric],
+            "valid": result.valid_metrics, "test": result.test_metrics,
+            "weights_file": WEIGHTS_FILE, "weights_sha256": sha,
+        }
+        (staging / "metrics.json").write_text(json.dumps(_finite_or_none(metrics), indent=2))
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sha
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN: undefined metrics are written as null."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
