@@ -17,16 +17,19 @@ from msa.platform.errors import MsaError
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered model: its module class, its config dataclass, and one line about it."""
+    """A registered model: its module class, its config dataclass, one line about it, and the
+    fewest modalities it accepts (every model takes any subset of at least 2)."""
 
     model_class: type[nn.Module]
     config_class: type
     summary: str
+    min_modalities: int = 2
 
 
 MODELS: dict[str, ModelEntry] = {
     "baseline": ModelEntry(
-        BaselineModel, BaselineConfig, "per-modality masked mean-pool + MLP late fusion"
+        BaselineModel, BaselineConfig, "per-modality masked mean-pool + MLP late fusion",
+        min_modalities=1,
     ),
 }
 

@@ -46,7 +46,7 @@ SIMS_BINS = {
 
 def pearson(pred: np.ndarray, truth: np.ndarray) -> float:
     """Pearson correlation; 0.0 when either vector is constant."""
-    if pred.std() == 0 or truth.std() == 0:
+    if np.ptp(pred) == 0 or np.ptp(truth) == 0:
         return 0.0
     return float(np.corrcoef(pred, truth)[0, 1])
 
@@ -81,21 +81,24 @@ def mosi_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 
 def _sims_bin(values: np.ndarray, edges: list[float]) -> np.ndarray:
-    """Bin index per value for half-open bins (lo, hi]; values already clipped to [-1, 1]."""
-    return np.searchsorted(np.asarray(edges[1:-1]), values, side="left")
+    """Bin index per value for half-open bins (lo, hi], compared in the values' own float type
+    (as MMSA does: float32 -0.7 is the edge -0.7, not a value just above it)."""
+    values = np.clip(np.asarray(values).reshape(-1), -1.0, 1.0)
+    if values.dtype.kind != "f":
+        values = values.astype(np.float64)
+    return np.searchsorted(np.asarray(edges[1:-1], dtype=values.dtype), values, side="left")
 
 
 def sims_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """CH-SIMS regression metrics; both sides are clipped to [-1, 1] first, as MMSA does."""
-    pred, truth = _as_float_vectors(pred, truth)
-    pred, truth = np.clip(pred, -1.0, 1.0), np.clip(truth, -1.0, 1.0)
+    clipped_pred, clipped_truth = (np.clip(v, -1.0, 1.0) for v in _as_float_vectors(pred, truth))
     scores: dict[str, float] = {}
     for name, edges in SIMS_BINS.items():
         scores[name] = 100.0 * float(np.mean(_sims_bin(pred, edges) == _sims_bin(truth, edges)))
     two_pred, two_truth = _sims_bin(pred, SIMS_BINS["acc2"]), _sims_bin(truth, SIMS_BINS["acc2"])
     scores["f1"] = 100.0 * f1_score(two_truth, two_pred, average="weighted", zero_division=0)
-    scores["mae"] = float(np.mean(np.abs(pred - truth)))
-    scores["corr"] = pearson(pred, truth)
+    scores["mae"] = float(np.mean(np.abs(clipped_pred - clipped_truth)))
+    scores["corr"] = pearson(clipped_pred, clipped_truth)
     return scores
 
 
@@ -135,8 +138,15 @@ def is_better(metric: str, candidate: float, incumbent: float | None) -> bool:
 
 
 def _as_float_vectors(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
-    truth = np.asarray(truth, dtype=np.float64).reshape(-1)
-    if pred.shape != truth.shape:
-        raise ValueError(f"prediction shape {pred.shape} does not match truth shape {truth.shape}")
-    return pred, truth
+    """Both as float64 ``(N,)``; a ``(N, 1)`` column is accepted, any other shape is an error."""
+    vectors = []
+    for name, value in (("prediction", pred), ("truth", truth)):
+        value = np.asarray(value, dtype=np.float64)
+        if value.ndim == 2 and value.shape[1] == 1:
+            value = value[:, 0]
+        if value.ndim != 1:
+            raise ValueError(f"{name} must be (N,) or (N, 1), got shape {value.shape}")
+        vectors.append(value)
+    if vectors[0].shape != vectors[1].shape:
+        raise ValueError(f"prediction shape {vectors[0].shape} does not match truth shape {vectors[1].shape}")
+    return vectors[0], vectors[1]

@@ -149,6 +149,8 @@ def _read_npz(path: Path, replace_nonfinite: bool) -> FeatureSet:
             return archive[key]
         except ValueError:
             raise MsaError(f"{path}: key {key!r} holds Python objects; the .npz format stores plain arrays only") from None
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise MsaError(f"{path}: array {key!r} is corrupt ({exc})") from None
 
     meta = json.loads(str(get("meta_json"))) if "meta_json" in keys else {}
     if not any(f"{s}_id" in keys for s in SPLITS):
@@ -253,6 +255,8 @@ def _read_mintrec(folder: Path, replace_nonfinite: bool) -> FeatureSet:
         ids, texts, labels = [], [], []
         with (folder / split_file).open(newline="") as handle:
             rows = list(csv.reader(handle, delimiter="\t"))
+        if len(rows) < 2:
+            raise MsaError(f"{folder / split_file}: split {s!r} is empty")
         for row in rows[1:]:
             if len(row) < 5:
                 raise MsaError(f"{folder / split_file}: row {row!r} has fewer than 5 columns")
@@ -270,18 +274,18 @@ def _read_mintrec(folder: Path, replace_nonfinite: bool) -> FeatureSet:
             if missing:
                 raise MsaError(f"{feature_path}: no features for clip {missing[0]!r} of {split_file}")
             sequences = [np.asarray(mapping[i], dtype=np.float32).reshape(-1, np.shape(mapping[i])[-1]) for i in ids]
-            fields["features"][m], fields["lengths"][m] = _pad(sequences)
-            fields["features"][m] = _features(fields["features"][m], f"{feature_path}", replace_nonfinite)
+            padded, fields["lengths"][m] = _pad(sequences, f"{feature_path} ({s} split)")
+            fields["features"][m] = _features(padded, str(feature_path), replace_nonfinite)
         split_fields[s] = fields
     return _build(folder, split_fields, {"class_names": MINTREC_INTENTS, "name": folder.name})
 
 
-def _pad(sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _pad(sequences: list[np.ndarray], where: str) -> tuple[np.ndarray, np.ndarray]:
     """Stack ``(T_i, d)`` sequences into ``(N, max T, d)`` with zero padding at the end."""
     lengths = np.asarray([len(x) for x in sequences], dtype=np.int64)
     dims = {x.shape[1] for x in sequences}
     if len(dims) != 1:
-        raise MsaError(f"feature dims differ between clips: {sorted(dims)}")
+        raise MsaError(f"{where}: feature dims differ between clips: {sorted(dims)}")
     out = np.zeros((len(sequences), max(lengths.max(), 1), dims.pop()), dtype=np.float32)
     for row, seq in enumerate(sequences):
         out[row, : len(seq)] = seq
@@ -337,9 +341,13 @@ def write_mmsa_pickle(dataset: FeatureSet, path: Path) -> None:
             raw[m] = split.features[m]
             if m != "text":
                 raw[f"{m}_lengths"] = split.lengths[m]
+        for m, labels in split.unimodal_labels.items():
+            raw[f"regression_labels_{UNIMODAL_SUFFIXES[m]}"] = labels
         data[s] = raw
     if dataset.class_names:
         data["class_names"] = list(dataset.class_names)
+    if dataset.task == "regression":
+        data["label_scale"] = dataset.metric_suite
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as handle:

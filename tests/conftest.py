@@ -1,0 +1,45 @@
+"""Fixtures shared by every test folder: repository paths, the real data file, synthetic files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SMALL_SIZES = {"train": 96, "valid": 32, "test": 32}
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def mosi_lite_path() -> Path:
+    path = SHARED_DATA / "mosi_lite.npz"
+    if not path.is_file():
+        pytest.skip(f"real data not available: {path} (see ../shared/data/README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synth_regression_pkl(tmp_path_factory) -> Path:
+    """A small synthetic regression set in the MMSA pickle schema."""
+    from msa.platform.readers import write_mmsa_pickle
+    from msa.platform.synth import synthesize
+
+    path = tmp_path_factory.mktemp("data") / "synth_regression.pkl"
+    write_mmsa_pickle(synthesize("regression", seed=0, sizes=SMALL_SIZES), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synth_classification_npz(tmp_path_factory) -> Path:
+    """A small synthetic 20-class set in the project's .npz format."""
+    from msa.platform.readers import write_npz
+    from msa.platform.synth import synthesize
+
+    path = tmp_path_factory.mktemp("data") / "synth_classification.npz"
+    write_npz(synthesize("classification", seed=0, sizes={"train": 400, "valid": 100, "test": 100}), path)
+    return path

@@ -1,0 +1,127 @@
+"""The training loop through real DeepSpeed on the CPU: checkpoint contents, reproducibility,
+early stopping, ZeRO stages, classification, and the failures it must report cleanly."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from msa.platform.errors import MsaError
+from msa.platform.metrics import compute_metrics
+from msa.platform.readers import load_dataset
+from msa.platform.train import NonFiniteLossError, train_loop
+
+
+def read_predictions(path):
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    return [r["id"] for r in rows], np.array([float(r["prediction"]) for r in rows])
+
+
+def test_checkpoint_holds_weights_config_predictions_and_hash(synth_regression_pkl, tmp_path):
+    out = tmp_path / "run"
+    result = train_loop({"data": str(synth_regression_pkl), "out": str(out), "epochs": 3})
+    dataset = load_dataset(synth_regression_pkl)
+
+    weights = (out / "model.pt").read_bytes()
+    assert result.weights_sha256 == hashlib.sha256(weights).hexdigest()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["weights_sha256"] == result.weights_sha256
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert set(state) == {k for k, _ in __import__("msa.models.registry", fromlist=["x"]).build_model(
+        "baseline", dataset.spec).state_dict().items()}
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"] == "baseline" and config["selection_metric"] == "mae"
+    assert config["precision"] == "fp32" and config["model_config"] == {"hidden": 64, "dropout": 0.1}
+    assert config["data_spec"]["dims"] == {"text": 32, "audio": 12, "vision": 16}
+
+    for split in ("valid", "test"):
+        ids, predictions = read_predictions(out / f"predictions_{split}.csv")
+        assert ids == dataset.splits[split].ids.tolist()
+        recomputed = compute_metrics("mosi", predictions, dataset.splits[split].labels)
+        assert recomputed["mae"] == pytest.approx(metrics[split]["mae"], abs=1e-6)
+    assert metrics["best_epoch"] == result.best_epoch
+    assert metrics["valid"]["mae"] == min(r["valid_mae"] for r in result.history)
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_same_seed_same_run_and_other_seed_differs(synth_regression_pkl, tmp_path):
+    runs = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        train_loop({"data": str(synth_regression_pkl), "out": str(tmp_path / name), "epochs": 2, "seed": seed})
+        runs[name] = read_predictions(tmp_path / name / "predictions_test.csv")[1]
+    np.testing.assert_array_equal(runs["a"], runs["b"])
+    assert not np.array_equal(runs["a"], runs["c"])
+
+
+def test_early_stopping_stops_after_patience(synth_regression_pkl, tmp_path):
+    result = train_loop(
+        {"data": str(synth_regression_pkl), "out": str(tmp_path / "run"), "epochs": 40, "patience": 2, "lr": 0.02}
+    )
+    last = int(result.history[-1]["epoch"])
+    assert last < 40, "a high learning rate on 96 clips should stop improving long before 40 epochs"
+    assert last - result.best_epoch == 2
+    improved = [int(r["epoch"]) for r in result.history if r["improved"]]
+    assert improved[-1] == result.best_epoch
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_zero_stages_train_and_checkpoint(synth_regression_pkl, tmp_path, zero_stage):
+    out = tmp_path / f"zero{zero_stage}"
+    result = train_loop(
+        {"data": str(synth_regression_pkl), "out": str(out), "epochs": 2, "zero_stage": zero_stage}
+    )
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert all(t.numel() > 0 for t in state.values()), "ZeRO-3 weights must be gathered before saving"
+    assert np.isfinite(result.valid_metrics["mae"])
+
+
+def test_classification_learns(synth_classification_npz, tmp_path):
+    out = tmp_path / "cls"
+    result = train_loop({"data": str(synth_classification_npz), "out": str(out), "epochs": 15, "lr": 3e-3})
+    assert result.selection_metric == "acc"
+    assert result.test_metrics["acc"] > 30.0  # chance is 5 %
+    with (out / "predictions_test.csv").open() as handle:
+        header = next(csv.reader(handle))
+    assert header[:3] == ["id", "label", "prediction"] and len(header) == 3 + 20
+
+
+def test_existing_output_folder_is_refused(synth_regression_pkl, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(MsaError, match="already exists"):
+        train_loop({"data": str(synth_regression_pkl), "out": str(out)})
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_nonfinite_loss_fails_cleanly(synth_regression_pkl, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="epoch"):
+        train_loop({"data": str(synth_regression_pkl), "out": str(out), "epochs": 5, "lr": 1e30, "grad_clip": 0.0})
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"lr": -1.0}, "lr must be > 0"),
+        ({"selection_metric": "acc"}, "not a mosi metric"),
+        ({"bogus": 1}, "unknown key 'bogus'"),
+        ({"model_config": {"hiden": 3}}, "unknown key 'hiden'"),
+        ({"zero_stage": 4}, "zero_stage"),
+        ({"model": "nope"}, "unknown model 'nope'"),
+    ],
+)
+def test_bad_config_fails_before_any_work(synth_regression_pkl, tmp_path, overrides, message):
+    out = tmp_path / "run"
+    with pytest.raises(MsaError, match=message):
+        train_loop({"data": str(synth_regression_pkl), "out": str(out), **overrides})
+    assert not out.exists()
