@@ -26,3 +26,15 @@ def test_no_init_file(folder, repo_root):
 def test_imports_from_repository_root(code, repo_root):
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_ray_cluster_config_passes_rays_schema(repo_root):
+    import jsonschema
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((repo_root / "ray_cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    config["available_node_types"]["gpu_worker"]["gpus"] = 4  # not a field of a node type
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(config))
