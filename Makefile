@@ -22,7 +22,7 @@ $(VENV)/.installed: $(SOURCES)
 demo: install
 	$(BIN)/msa data synth --task regression --out $(DEMO_DIR)/synth_regression.pkl
 	$(BIN)/msa train --model baseline --data $(DEMO_DIR)/synth_regression.pkl \
-		--out $(DEMO_DIR)/train-baseline
+		--out $(DEMO_DIR)/train-baseline-$$(date -u +%Y%m%d-%H%M%S)
 
 test: install
 	$(BIN)/python -m pytest

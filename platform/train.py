@@ -255,7 +255,7 @@ def train_loop(
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         engine.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
         steps = 0
         permutation = torch.randperm(train.size, generator=order)[rank::world].to(device)
         for start in range(0, len(permutation), config.batch_size):
@@ -265,21 +265,21 @@ def train_loop(
             terms = {"task_loss": loss.detach()}
             for name, value in output.aux_losses.items():
                 loss = loss + engine.module.loss_weights[name] * value.float()
-                terms[name] = value.detach()
+                terms[name] = value.detach().float()
             terms["loss"] = loss.detach()
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"training loss became {loss.item()} at epoch {epoch}, step {steps + 1}; "
-                    "lower lr or check the data"
-                )
             engine.backward(loss)
             engine.step()
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
+                sums[name] = sums[name] + value if name in sums else value
             steps += 1
+        means = {name: float(total) / max(steps, 1) for name, total in sums.items()}
+        if not math.isfinite(means.get("loss", 0.0)):
+            raise NonFiniteLossError(
+                f"training loss became {means['loss']} in epoch {epoch}; lower lr or check the data"
+            )
         valid_pred = predict(engine, splits["valid"], dataset.task, config.batch_size)
         valid_metrics = compute_metrics(suite, valid_pred, dataset.splits["valid"].labels)
-        record = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}}
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in means.items()}}
         record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
         record["epoch_seconds"] = time.perf_counter() - started
         improved = is_better(selection, valid_metrics[selection], best["score"])

@@ -455,3 +455,21 @@ def test_sims_float32_edges_bin_like_mmsa(edge, below):
     truth = np.array([below], dtype=np.float32)
     scores = sims_metrics(pred, truth)
     assert scores["acc5"] == 100.0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_numpy_scores_match_scikit_learn(seed):
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    from msa.platform.metrics import macro_scores, weighted_f1
+
+    rng = np.random.default_rng(seed)
+    n, classes = int(rng.integers(1, 40)), int(rng.integers(2, 8))
+    truth, pred = rng.integers(0, classes, n), rng.integers(0, classes, n)
+    assert weighted_f1(truth, pred) == pytest.approx(
+        100 * f1_score(truth, pred, average="weighted", zero_division=0), abs=1e-9
+    )
+    macro = macro_scores(truth, pred)
+    for name, sklearn_score in (("f1_macro", f1_score), ("precision_macro", precision_score),
+                                ("recall_macro", recall_score)):
+        assert macro[name] == pytest.approx(100 * sklearn_score(truth, pred, average="macro", zero_division=0), abs=1e-9)

@@ -183,28 +183,18 @@ def test_mmsa_pickle_has_no_text_lengths_and_they_are_inferred(tmp_path: Path) -
         np.testing.assert_array_equal(loaded.splits[s].lengths["text"], original.splits[s].lengths["text"])
 
 
-def test_sims_round_trip_through_mmsa_pickle_keeps_suite(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("writer", "file_name"), [(write_mmsa_pickle, "again.pkl"), (write_npz, "again.npz")])
+def test_sims_round_trip_keeps_suite_and_unimodal_labels(tmp_path: Path, writer, file_name) -> None:
     splits = make_splits(seed=3)
     for fields in splits.values():
         for key in ("regression_labels", "regression_labels_T", "regression_labels_A", "regression_labels_V"):
             fields[key] = np.linspace(-1.0, 1.0, len(fields["id"])).astype(np.float32)
     sims = load_dataset(save_mmsa(tmp_path / "sims.pkl", splits))
-    write_mmsa_pickle(sims, tmp_path / "again.pkl")
-    again = load_dataset(tmp_path / "again.pkl")
-    assert again.metric_suite == "sims"
-    assert set(again.splits["train"].unimodal_labels) == {"text", "audio", "vision"}
-
-
-def test_sims_round_trip_through_npz_keeps_suite(tmp_path: Path) -> None:
-    splits = make_splits(seed=3)
-    for fields in splits.values():
-        for key in ("regression_labels", "regression_labels_T", "regression_labels_A", "regression_labels_V"):
-            fields[key] = np.linspace(-1.0, 1.0, len(fields["id"])).astype(np.float32)
-    sims = load_dataset(save_mmsa(tmp_path / "sims.pkl", splits))
-    write_npz(sims, tmp_path / "sims.npz")
-    again = load_dataset(tmp_path / "sims.npz")
+    writer(sims, tmp_path / file_name)
+    again = load_dataset(tmp_path / file_name)
     assert again.metric_suite == "sims"
     for s in SPLITS:
+        assert set(again.splits[s].unimodal_labels) == set(ALL_MODALITIES)
         for m in ALL_MODALITIES:
             np.testing.assert_array_equal(again.splits[s].unimodal_labels[m], sims.splits[s].unimodal_labels[m])
 
