@@ -34,7 +34,8 @@ def _train(args: argparse.Namespace) -> None:
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     values = merge(values, parse_overrides(args.overrides))
-    config = resolve_config(values)
+    where = " + ".join(filter(None, [args.config, "command-line overrides" if args.overrides else ""]))
+    config = resolve_config(values, where=where or "train options")
 
     def show(record: dict[str, float]) -> None:
         metrics = "  ".join(f"{k[6:]} {v:.4g}" for k, v in record.items() if k.startswith("valid_"))

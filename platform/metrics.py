@@ -17,7 +17,7 @@ MMSA. Undefined values: ``corr`` is 0.0 when either side is constant (no linear 
 measured); the non0 metrics are NaN when every truth is 0 (there is no sample to score). F1,
 precision and recall follow scikit-learn's definitions with ``zero_division=0``, over the labels
 present in either truth or prediction; they are computed here in numpy so that a training worker
-does not pay scikit-learn's ~3 s import.
+does not pay scikit-learn's import (1.1-1.8 s here, see benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 

@@ -97,10 +97,10 @@ class NonFiniteLossError(MsaError):
     """The training loss became NaN or infinite."""
 
 
-def resolve_config(config: TrainConfig | dict[str, Any]) -> TrainConfig:
-    """A validated `TrainConfig` (from a mapping if needed); raises MsaError on bad values."""
+def resolve_config(config: TrainConfig | dict[str, Any], *, where: str = "train config") -> TrainConfig:
+    """A validated `TrainConfig` (from a mapping if needed); raises MsaError naming `where`."""
     if isinstance(config, dict):
-        config = build_dataclass(TrainConfig, config, where="train config")
+        config = build_dataclass(TrainConfig, config, where=where)
     get_entry(config.model)
     for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 1)):
         if getattr(config, name) < low:

@@ -149,7 +149,7 @@ def test_bad_arguments_are_one_line_errors(argv, fragment, synth_regression_pkl,
 def test_unknown_key_in_config_file_names_file_and_key(synth_regression_pkl, tmp_path, capsys):
     config = tmp_path / "train.yaml"
     config.write_text(f"data: {synth_regression_pkl}\nepochs: 2\nlearning_rate: 0.1\n")
-    assert_one_line_error(capsys, main(["train", "--config", str(config)]), "unknown key 'learning_rate'")
+    assert_one_line_error(capsys, main(["train", "--config", str(config)]), r"train\.yaml: unknown key 'learning_rate'")
     config.write_text("epochs: [1\n")
     assert_one_line_error(capsys, main(["train", "--config", str(config)]), "train.yaml: malformed YAML")
 
