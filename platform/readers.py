@@ -98,7 +98,7 @@ def _features(array: Any, where: str, replace_nonfinite: bool) -> np.ndarray:
     return features
 
 
-def _regression_labels(array: Any, where: str) -> np.ndarray:
+def _regression_labels(array: Any) -> np.ndarray:
     labels = np.asarray(array, dtype=np.float32)
     return labels.reshape(-1) if labels.ndim == 2 and labels.shape[1] == 1 else labels
 
@@ -178,9 +178,9 @@ def _read_npz(path: Path, replace_nonfinite: bool) -> FeatureSet:
 def _label_fields(fields: dict[str, Any], raw: dict[str, Any], where: str) -> None:
     """Copy regression/classification/unimodal labels from a split's raw mapping into `fields`."""
     if "regression_labels" in raw:
-        fields["regression_labels"] = _regression_labels(raw["regression_labels"], where)
+        fields["regression_labels"] = _regression_labels(raw["regression_labels"])
         fields["unimodal_labels"] = {
-            m: _regression_labels(raw[f"regression_labels_{suffix}"], where)
+            m: _regression_labels(raw[f"regression_labels_{suffix}"])
             for m, suffix in UNIMODAL_SUFFIXES.items()
             if f"regression_labels_{suffix}" in raw
         }

@@ -154,7 +154,7 @@ def test_unknown_key_in_config_file_names_file_and_key(synth_regression_pkl, tmp
     assert_one_line_error(capsys, main(["train", "--config", str(config)]), "train.yaml: malformed YAML")
 
 
-def test_config_file_and_overrides_compose(synth_regression_pkl, tmp_path, capsys):
+def test_config_file_and_overrides_compose(synth_regression_pkl, tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text(f"data: {synth_regression_pkl}\nepochs: 5\nmodel_config:\n  hidden: 16\n")
     out = tmp_path / "run"
