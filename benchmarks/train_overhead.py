@@ -50,7 +50,7 @@ def main() -> None:
             {"model": args.model, "data": args.data, "out": str(Path(tmp) / "run"), "epochs": args.epochs + 1,
              "patience": args.epochs + 1, "batch_size": args.batch_size},
             dataset=dataset,
-            on_epoch=lambda record: epoch_seconds.append(record["epoch_seconds"]),
+            on_epoch=lambda record, _save_state: epoch_seconds.append(record["epoch_seconds"]),
         )
         train_loop_s = time.perf_counter() - started
     measured = epoch_seconds[1:]  # the first epoch warms up allocators and kernels

@@ -37,7 +37,7 @@ def _train(args: argparse.Namespace) -> None:
     where = " + ".join(filter(None, [args.config, "command-line overrides" if args.overrides else ""]))
     config = resolve_config(values, where=where or "train options")
 
-    def show(record: dict[str, float]) -> None:
+    def show(record: dict[str, float], _save_state) -> None:
         metrics = "  ".join(f"{k[6:]} {v:.4g}" for k, v in record.items() if k.startswith("valid_"))
         mark = " *" if record["improved"] else ""
         print(f"epoch {int(record['epoch']):3d}  loss {record['train_loss']:.4f}  valid: {metrics}{mark}", flush=True)

@@ -98,6 +98,8 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
         return [_check_value(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     if annotation is Any:
         return value
+    if dataclasses.is_dataclass(annotation):
+        return build_dataclass(annotation, value, where=where)
     if annotation is bool:
         if not isinstance(value, bool):
             raise MsaError(f"{where}: expected true or false, got {value!r}")

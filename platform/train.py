@@ -17,7 +17,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,9 +33,11 @@ from msa.platform.config import build_dataclass, to_plain
 from msa.platform.errors import MsaError
 from msa.platform.features import FeatureSet, Split
 from msa.platform.metrics import DEFAULT_SELECTION_METRIC, METRIC_MODES, SUITE_METRICS, compute_metrics, is_better
-from msa.platform.readers import load_dataset, sha256_path
+from msa.platform.readers import atomic_write, load_dataset, sha256_path
 
 WEIGHTS_FILE = "model.pt"
+LOOP_STATE_FILE = "loop_state.pt"
+ENGINE_TAG = "state"
 
 
 @dataclass
@@ -118,12 +119,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _import_deepspeed(use_cuda: bool):
     """Import DeepSpeed for this device, quietly, without its JIT-built shared-memory op."""
     if not use_cuda:
@@ -137,13 +132,15 @@ def _import_deepspeed(use_cuda: bool):
 
 
 def _ensure_process_group(deepspeed, use_cuda: bool) -> None:
-    """Join the existing process group (Ray Train) or make a one-rank group for in-process runs."""
+    """Join the existing process group (Ray Train) or make a one-rank group for in-process runs.
+
+    The one-rank group uses an in-memory store: no port, and no MASTER_* variables left in the
+    environment for child processes to inherit."""
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+        )
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
 
 
@@ -198,18 +195,54 @@ def predict(engine, data: SplitTensors, task: str, batch_size: int) -> np.ndarra
     return torch.cat(outputs).cpu().numpy()
 
 
+@dataclass
+class LoopState:
+    """Where a run stands after an epoch; saved with the engine state so a trial can resume."""
+
+    epoch: int = 0
+    best_score: float | None = None
+    best_epoch: int = 0
+    best_valid: dict[str, float] = field(default_factory=dict)
+    best_test: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def save_state(directory: Path, engine, state: LoopState, order: torch.Generator) -> None:
+    """Write everything a resumed run needs into `directory` (collective: every rank calls it)."""
+    engine.save_checkpoint(str(directory), tag=ENGINE_TAG)
+    if torch.distributed.get_rank() == 0:
+        payload = {**dataclasses.asdict(state), "order": order.get_state(), "torch_rng": torch.get_rng_state()}
+        torch.save(payload, directory / LOOP_STATE_FILE)
+
+
+def load_state(directory: Path, engine, order: torch.Generator) -> LoopState:
+    """Restore engine, batch order, RNG and loop state saved by `save_state`."""
+    if not (directory / LOOP_STATE_FILE).is_file():
+        raise MsaError(f"{directory}: not a resumable training state ({LOOP_STATE_FILE} missing)")
+    engine.load_checkpoint(str(directory), tag=ENGINE_TAG)
+    payload = torch.load(directory / LOOP_STATE_FILE, weights_only=True)
+    order.set_state(payload.pop("order"))
+    torch.set_rng_state(payload.pop("torch_rng"))
+    return LoopState(**payload)
+
+
 def train_loop(
     config: TrainConfig | dict[str, Any],
     *,
     dataset: FeatureSet | None = None,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_epoch: Callable[[dict[str, float], Callable[[Path], None]], None] | None = None,
+    resume_from: Path | None = None,
 ) -> TrainResult:
-    """Train one model with DeepSpeed and write its checkpoint folder.
+    """Train one model with DeepSpeed; its checkpoint folder always holds the best epoch so far.
 
     Args:
         config: a `TrainConfig` or a mapping of its fields.
         dataset: an already-loaded dataset (a sweep shares one); read from ``config.data`` if None.
-        on_epoch: called after each epoch with that epoch's record (losses, valid metrics).
+        on_epoch: called after each epoch with that epoch's record (losses, valid metrics,
+            ``best_valid_<metric>``, ``final`` = 1.0 on the run's natural last epoch) and a
+            function that saves the resumable state into a folder (collective across ranks).
+        resume_from: a folder written by that function: continue after its epoch. The output
+            folder may then already exist (it holds the best epoch before the interruption).
 
     Returns:
         The best epoch's valid and test metrics, the history, and where the checkpoint is.
@@ -226,7 +259,7 @@ def train_loop(
             f"selection_metric {selection!r} is not a {suite} metric; choose one of {', '.join(SUITE_METRICS[suite])}"
         )
     out_dir = Path(config.out or default_out_dir(config, dataset))
-    if out_dir.exists():
+    if out_dir.exists() and resume_from is None:
         raise MsaError(f"output folder {out_dir} already exists; choose another --out")
 
     use_cuda = torch.cuda.is_available()
@@ -249,10 +282,10 @@ def train_loop(
     splits = {name: SplitTensors(split, device, dtype, dataset.task) for name, split in dataset.splits.items()}
     train = splits["train"]
     order = torch.Generator().manual_seed(config.seed)
+    state = load_state(Path(resume_from), engine, order) if resume_from is not None else LoopState()
+    writer = CheckpointWriter(out_dir, config, model, dataset) if rank == 0 else None
 
-    history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"score": None, "epoch": 0}
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(state.epoch + 1, config.epochs + 1):
         started = time.perf_counter()
         engine.train()
         sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
@@ -281,33 +314,35 @@ def train_loop(
         valid_metrics = compute_metrics(suite, valid_pred, dataset.splits["valid"].labels)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in means.items()}}
         record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
-        record["epoch_seconds"] = time.perf_counter() - started
-        improved = is_better(selection, valid_metrics[selection], best["score"])
+        improved = is_better(selection, valid_metrics[selection], state.best_score)
         if improved:
-            best.update(
-                score=valid_metrics[selection], epoch=epoch, valid_metrics=valid_metrics,
-                valid_pred=valid_pred,
-                test_pred=predict(engine, splits["test"], dataset.task, config.batch_size),
-                state={k: v.detach().float().cpu().clone() for k, v in _full_state_dict(engine, config).items()},
-            )
+            test_pred = predict(engine, splits["test"], dataset.task, config.batch_size)
+            state.best_score, state.best_epoch, state.best_valid = valid_metrics[selection], epoch, valid_metrics
+            state.best_test = compute_metrics(suite, test_pred, dataset.splits["test"].labels)
+            weights = {k: v.detach().float().cpu() for k, v in _full_state_dict(engine, config).items()}
+            if writer is not None:
+                writer.write_best(weights, valid_pred, test_pred, state, state.history + [record])
         record["improved"] = float(improved)
-        history.append(record)
+        record[f"best_valid_{selection}"] = state.best_score if state.best_score is not None else math.nan
+        stop = epoch == config.epochs or epoch - state.best_epoch >= config.patience
+        record["final"] = float(stop)
+        record["epoch_seconds"] = time.perf_counter() - started
+        state.history.append(record)
+        state.epoch = epoch
         if on_epoch is not None:
-            on_epoch(record)
-        if epoch - best["epoch"] >= config.patience:
+            on_epoch(record, lambda directory: save_state(Path(directory), engine, state, order))
+        if stop:
             break
 
-    if best["score"] is None:
+    if state.best_score is None:
         raise MsaError(f"valid {selection} was NaN in every epoch; nothing to select")
-    test_metrics = compute_metrics(suite, best["test_pred"], dataset.splits["test"].labels)
-    result = TrainResult(
-        out_dir=out_dir, best_epoch=best["epoch"], selection_metric=selection,
-        valid_metrics=best["valid_metrics"], test_metrics=test_metrics, history=history,
-        weights_sha256="",
+    if writer is not None:
+        writer.write_history(state.history)
+    return TrainResult(
+        out_dir=out_dir, best_epoch=state.best_epoch, selection_metric=selection,
+        valid_metrics=state.best_valid, test_metrics=state.best_test, history=state.history,
+        weights_sha256=writer.weights_sha256 if writer is not None else "",
     )
-    if rank == 0:
-        result.weights_sha256 = write_checkpoint(out_dir, config, model, dataset, best, result)
-    return result
 
 
 def _full_state_dict(engine, config: TrainConfig) -> dict[str, torch.Tensor]:
@@ -315,7 +350,7 @@ def _full_state_dict(engine, config: TrainConfig) -> dict[str, torch.Tensor]:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            return engine.module.state_dict()
+            return {k: v.clone() for k, v in engine.module.state_dict().items()}
     return engine.module.state_dict()
 
 
@@ -336,43 +371,75 @@ def _write_predictions(path: Path, split: Split, prediction: np.ndarray, class_n
                 writer.writerow([clip, label, int(np.argmax(probs)), *probs])
 
 
-def write_checkpoint(out_dir: Path, config: TrainConfig, model, dataset: FeatureSet, best: dict, result: TrainResult) -> str:
-    """Write the checkpoint folder atomically (a sibling temp folder renamed into place)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
-        torch.save(best["state"], staging / WEIGHTS_FILE)
-        sha = sha256_path(staging / WEIGHTS_FILE)
+class CheckpointWriter:
+    """Rank 0's writer of the checkpoint folder. Each improvement replaces the whole folder
+    atomically (built in a hidden sibling, then swapped in), so the folder always holds one
+    complete best epoch, even if the run is stopped or killed later."""
+
+    def __init__(self, out_dir: Path, config: TrainConfig, model, dataset: FeatureSet):
+        self.out_dir, self.config, self.dataset = out_dir, config, dataset
         spec = dataset.spec
-        resolved = {
+        self.resolved = {
             **to_plain(config),
             "model_config": to_plain(model.config),
             "data_spec": {"dims": spec.dims, "max_lengths": spec.max_lengths, "task": spec.task,
                           "num_classes": spec.num_classes, "class_names": list(dataset.class_names),
                           "metric_suite": dataset.metric_suite},
         }
-        (staging / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        _write_predictions(staging / "predictions_valid.csv", dataset.splits["valid"], best["valid_pred"], dataset.class_names)
-        _write_predictions(staging / "predictions_test.csv", dataset.splits["test"], best["test_pred"], dataset.class_names)
-        with (staging / "history.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(result.history[0]))
-            writer.writeheader()
-            writer.writerows(result.history)
-        metrics = {
-            "model": config.model, "dataset": dataset.name,
-            "dataset_fingerprint": sha256_path(dataset.source) if Path(dataset.source).exists() else None,
-            "seed": config.seed, "best_epoch": result.best_epoch, "selection_metric": result.selection_metric,
-            "selection_mode": METRIC_MODES[result.selection_metric],
-            "valid": result.valid_metrics, "test": result.test_metrics,
-            "weights_file": WEIGHTS_FILE, "weights_sha256": sha,
-        }
-        (staging / "metrics.json").write_text(json.dumps(_finite_or_none(metrics), indent=2))
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return sha
+        source = Path(dataset.source)
+        self.fingerprint = sha256_path(source) if source.exists() else None
+        self.weights_sha256 = ""
+        if (out_dir / "metrics.json").is_file():  # a resumed run: keep the best epoch already written
+            self.weights_sha256 = json.loads((out_dir / "metrics.json").read_text())["weights_sha256"]
+
+    def write_best(self, weights, valid_pred, test_pred, state: LoopState, history) -> None:
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.out_dir.parent, prefix=f".{self.out_dir.name}.", suffix=".partial"))
+        try:
+            staging.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
+            torch.save(weights, staging / WEIGHTS_FILE)
+            sha = sha256_path(staging / WEIGHTS_FILE)
+            (staging / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
+            classes = self.dataset.class_names
+            _write_predictions(staging / "predictions_valid.csv", self.dataset.splits["valid"], valid_pred, classes)
+            _write_predictions(staging / "predictions_test.csv", self.dataset.splits["test"], test_pred, classes)
+            _write_history(staging / "history.csv", history)
+            metrics = {
+                "model": self.config.model, "dataset": self.dataset.name, "dataset_fingerprint": self.fingerprint,
+                "seed": self.config.seed, "best_epoch": state.best_epoch,
+                "selection_metric": self.config.selection_metric,
+                "selection_mode": METRIC_MODES[self.config.selection_metric],
+                "valid": state.best_valid, "test": state.best_test,
+                "weights_file": WEIGHTS_FILE, "weights_sha256": sha,
+            }
+            (staging / "metrics.json").write_text(json.dumps(_finite_or_none(metrics), indent=2))
+            _swap_in(staging, self.out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.weights_sha256 = sha
+
+    def write_history(self, history: list[dict[str, float]]) -> None:
+        """Replace history.csv with the whole run's history (the best epoch may not be the last)."""
+        atomic_write(self.out_dir / "history.csv", lambda tmp: _write_history(tmp, history))
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Rename `staging` onto `target`; an existing `target` is moved aside first, then removed."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = target.with_name(f".{target.name}.{os.getpid()}.old")
+    os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -125,3 +125,27 @@ def test_bad_config_fails_before_any_work(synth_regression_pkl, tmp_path, overri
     with pytest.raises(MsaError, match=message):
         train_loop({"data": str(synth_regression_pkl), "out": str(out), **overrides})
     assert not out.exists()
+
+
+def test_resumed_run_continues_exactly(synth_regression_pkl, tmp_path):
+    """State saved after epoch 2 and resumed gives the same epochs 3-4 as an uninterrupted run."""
+    state_dir = tmp_path / "state"
+
+    def save_at_epoch_2(record, save_state):
+        if record["epoch"] == 2:
+            state_dir.mkdir()
+            save_state(state_dir)
+
+    base = {"data": str(synth_regression_pkl), "epochs": 4, "patience": 10, "seed": 3}
+    full = train_loop({**base, "out": str(tmp_path / "full")}, on_epoch=save_at_epoch_2)
+    resumed = train_loop({**base, "out": str(tmp_path / "resumed")}, resume_from=state_dir)
+    assert [int(r["epoch"]) for r in resumed.history] == [1, 2, 3, 4]
+    for uninterrupted, continued in zip(full.history[2:], resumed.history[2:]):
+        assert continued["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)
+        assert continued["valid_mae"] == pytest.approx(uninterrupted["valid_mae"], rel=1e-6)
+    assert resumed.history[-1]["final"] == 1.0 and full.history[1]["final"] == 0.0
+
+
+def test_resume_from_a_folder_without_state_is_refused(synth_regression_pkl, tmp_path):
+    with pytest.raises(MsaError, match="not a resumable training state"):
+        train_loop({"data": str(synth_regression_pkl), "out": str(tmp_path / "run")}, resume_from=tmp_path)

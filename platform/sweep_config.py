@@ -1,0 +1,160 @@
+"""The sweep config: what `msa sweep CONFIG` reads (`sweeps/*.yaml`), typed and validated up front.
+
+Everything is checked before Ray starts: unknown keys (naming file and key), unknown models or
+datasets, metrics the datasets do not have, resources no node could ever give, impossible
+budgets. ``key=value`` overrides use dotted paths (``budget.trials_per_pair=4``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from msa.models.registry import get_entry
+from msa.platform.config import build_dataclass, load_yaml_mapping, merge, parse_overrides
+from msa.platform.errors import MsaError
+from msa.platform.metrics import METRIC_MODES
+
+# Datasets a sweep can name without a path: generated deterministically into the run directory.
+BUILTIN_DATASETS = ("synth_regression", "synth_classification")
+
+
+@dataclass
+class BudgetConfig:
+    """How much to spend per (model, dataset) pair.
+
+    Args:
+        trials_per_pair: Optuna trials per pair.
+        max_epochs: epochs a trial may run (ASHA's max_t).
+        time_budget_s: optional wall-clock cap per pair; trials still running are stopped.
+    """
+
+    trials_per_pair: int = 8
+    max_epochs: int = 20
+    time_budget_s: float | None = None
+
+
+@dataclass
+class SearchConfig:
+    """How trials are proposed, stopped and compared.
+
+    Args:
+        sampler: ``tpe`` (Optuna's TPE) or ``random``.
+        seed: sampler seed; trial seeds derive from it too.
+        scheduler: ``asha`` (early stopping of weak trials) or ``none``.
+        metric: valid metric that selects (``""``: MAE for regression, accuracy for classification).
+        mode: ``min`` or ``max``; must agree with the metric when given.
+        grace_period: epochs every trial gets before ASHA may stop it.
+        reduction_factor: ASHA's rung ratio.
+    """
+
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    scheduler: Literal["asha", "none"] = "asha"
+    metric: str = ""
+    mode: Literal["min", "max"] | None = None
+    grace_period: int = 2
+    reduction_factor: int = 2
+
+
+@dataclass
+class ResourcesConfig:
+    """What each trial gets: `workers_per_trial` data-parallel workers of this size."""
+
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_concurrent_trials: int = 1
+    max_failures: int = 1
+
+
+@dataclass
+class DeepSpeedSettings:
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+@dataclass
+class SweepConfig:
+    """A whole sweep: every model on every dataset, one Optuna study per pair.
+
+    Args:
+        name: the sweep's name (run directory prefix).
+        datasets: built-in names (synth_regression, synth_classification) or paths.
+        models: registered model names.
+        storage: folder under which each sweep gets its run directory.
+        train: fixed TrainConfig overrides for every trial (e.g. ``patience``).
+    """
+
+    name: str = "sweep"
+    datasets: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    storage: str = "runs/sweeps"
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def selection_metric(self, suite: str) -> str:
+        from msa.platform.metrics import DEFAULT_SELECTION_METRIC
+
+        return self.search.metric or DEFAULT_SELECTION_METRIC[suite]
+
+
+def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Read, merge overrides into, and validate a sweep config."""
+    raw = merge(load_yaml_mapping(path), parse_overrides(overrides or []))
+    where = f"{path}" + (" + command-line overrides" if overrides else "")
+    return validate_sweep_config(build_dataclass(SweepConfig, raw, where=where), where=where)
+
+
+def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
+    """Checks that need more than types; raises MsaError naming `where`."""
+    if not config.datasets:
+        raise MsaError(f"{where}: 'datasets' is empty; name at least one dataset or path")
+    if not config.models:
+        raise MsaError(f"{where}: 'models' is empty; name at least one registered model")
+    for model in config.models:
+        get_entry(model)
+    for dataset in config.datasets:
+        if dataset not in BUILTIN_DATASETS and not Path(dataset).exists():
+            raise MsaError(
+                f"{where}: dataset {dataset!r} is neither a built-in ({', '.join(BUILTIN_DATASETS)}) nor an existing path"
+            )
+    budget, search, resources = config.budget, config.search, config.resources
+    for label, value, low in (
+        ("budget.trials_per_pair", budget.trials_per_pair, 1), ("budget.max_epochs", budget.max_epochs, 1),
+        ("search.grace_period", search.grace_period, 1), ("search.reduction_factor", search.reduction_factor, 2),
+        ("resources.workers_per_trial", resources.workers_per_trial, 1),
+        ("resources.max_concurrent_trials", resources.max_concurrent_trials, 1),
+        ("resources.max_failures", resources.max_failures, 0),
+    ):
+        if value < low:
+            raise MsaError(f"{where}: {label} must be >= {low}, got {value}")
+    if resources.cpus_per_worker <= 0 or resources.gpus_per_worker < 0:
+        raise MsaError(f"{where}: resources need cpus_per_worker > 0 and gpus_per_worker >= 0")
+    if search.grace_period > budget.max_epochs:
+        raise MsaError(f"{where}: search.grace_period ({search.grace_period}) exceeds budget.max_epochs ({budget.max_epochs})")
+    if search.metric:
+        if search.metric not in METRIC_MODES:
+            raise MsaError(f"{where}: unknown metric {search.metric!r}; known: {', '.join(METRIC_MODES)}")
+        if search.mode and search.mode != METRIC_MODES[search.metric]:
+            raise MsaError(
+                f"{where}: search.mode {search.mode!r} contradicts {search.metric} (better is {METRIC_MODES[search.metric]})"
+            )
+    owned = {"model", "data", "out", "seed", "epochs", "zero_stage", "precision"} & set(config.train)
+    if owned:
+        raise MsaError(f"{where}: train.{sorted(owned)[0]} is set by the sweep itself; remove it")
+    from msa.platform.train import TrainConfig
+
+    build_dataclass(TrainConfig, {**config.train}, where=f"{where}: train")
+    return config
+
+
+def config_fingerprint(config: SweepConfig) -> dict[str, Any]:
+    """The config as plain data, for the run directory and for checking a resume against it."""
+    from msa.platform.config import to_plain
+
+    return to_plain(dataclasses.replace(config))
