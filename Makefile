@@ -1,12 +1,11 @@
 # One-command entry points. Both create .venv and install the pinned stack first.
-#   make demo   install, then run the main job end to end on the embedded synthetic default
+#   make demo   install, then run the main job end to end: the sweep in sweeps/demo.yaml
 #   make test   install, then run the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Strict editable installs link each module file; a new module needs a re-install.
 SOURCES := pyproject.toml constraints.txt $(shell find platform models ensembles search_spaces -name '*.py' -o -name '*.yaml' 2>/dev/null)
-DEMO_DIR := runs/demo
 
 .PHONY: install demo test clean
 
@@ -20,9 +19,7 @@ $(VENV)/.installed: $(SOURCES)
 	touch $@
 
 demo: install
-	$(BIN)/msa data synth --task regression --out $(DEMO_DIR)/synth_regression.pkl
-	$(BIN)/msa train --model baseline --data $(DEMO_DIR)/synth_regression.pkl \
-		--out $(DEMO_DIR)/train-baseline-$$(date -u +%Y%m%d-%H%M%S)
+	$(BIN)/msa sweep sweeps/demo.yaml
 
 test: install
 	$(BIN)/python -m pytest

@@ -11,6 +11,7 @@ from torch import nn
 
 from msa.models.base import DataSpec
 from msa.models.baseline import BaselineConfig, BaselineModel
+from msa.models.tfn import TFNConfig, TFNModel
 from msa.platform.config import build_dataclass
 from msa.platform.errors import MsaError
 
@@ -29,6 +30,10 @@ class ModelEntry:
 MODELS: dict[str, ModelEntry] = {
     "baseline": ModelEntry(
         BaselineModel, BaselineConfig, "per-modality masked mean-pool + MLP late fusion",
+        min_modalities=1,
+    ),
+    "tfn": ModelEntry(
+        TFNModel, TFNConfig, "Tensor Fusion Network: outer-product fusion of per-modality vectors",
         min_modalities=1,
     ),
 }

@@ -108,6 +108,25 @@ def describe(dataset) -> str:
     return "\n".join(lines)
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from msa.platform.sweep import format_summary, resume_config, run_sweep
+    from msa.platform.sweep_config import load_sweep_config
+
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        config_path, overrides = args.config, args.overrides
+        if config_path and "=" in config_path and not Path(config_path).exists():  # only overrides given
+            config_path, overrides = None, [config_path, *overrides]
+        config = resume_config(run_dir, config_path, overrides)
+        rows = run_sweep(config, resume_dir=run_dir)
+    else:
+        if not args.config:
+            raise MsaError("msa sweep: give a sweep config (e.g. sweeps/demo.yaml) or --resume RUN_DIR")
+        config = load_sweep_config(args.config, args.overrides)
+        rows = run_sweep(config)
+    print("\n" + format_summary(rows))
+
+
 def _models(args: argparse.Namespace) -> None:
     from msa.models.registry import MODELS
 
@@ -145,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--replace-nonfinite", action="store_true", help="read NaN/inf features as 0")
     inspect.set_defaults(run=_inspect)
 
+    sweep = commands.add_parser("sweep", help="run (or resume) a sweep: one Optuna study per model x dataset")
+    sweep.add_argument("config", nargs="?", help="sweep YAML (see sweeps/demo.yaml)")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. budget.trials_per_pair=4")
+    sweep.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted sweep")
+    sweep.set_defaults(run=_sweep)
+
     models = commands.add_parser("models", help="list the registered models")
     models.set_defaults(run=_models)
     return parser
@@ -157,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except MsaError as exc:
         message = " ".join(str(exc).split())
         print(f"msa: error: {message}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("msa: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ field's type, and nothing is merged by hand.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,13 +18,25 @@ import yaml
 from msa.platform.errors import MsaError
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``3e-4`` as a number (YAML 1.2), not as the string YAML 1.1 makes it."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; an empty file is an empty mapping."""
     path = Path(path)
     if not path.is_file():
         raise MsaError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=ConfigLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -43,7 +56,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise MsaError(f"override {pair!r} is not of the form key=value")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = yaml.load(raw, Loader=ConfigLoader) if raw else ""  # noqa: S506
         except yaml.YAMLError:
             value = raw
         node = result
@@ -133,7 +146,7 @@ def build_dataclass(cls: type, values: dict[str, Any], *, where: str) -> Any:
         raise MsaError(f"{where}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - fields)
+    unknown = sorted(map(str, set(values) - fields))
     if unknown:
         raise MsaError(
             f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(fields))})"

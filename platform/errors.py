@@ -7,3 +7,5 @@ one line and exits non-zero. Anything else that escapes is a bug in msa, not in 
 
 class MsaError(Exception):
     """A user-facing error whose message names the problem and, where possible, the fix."""
+
+    exit_code = 2

@@ -67,6 +67,8 @@ class Param:
             return [self.value]
         if self.type == "categorical":
             return list(self.choices)
+        if self.type in ("float", "log_float"):  # Optuna samples floats between the bounds
+            return [float(self.low), float(self.high)]
         return [self.low, self.high]
 
 
@@ -121,8 +123,10 @@ def load_search_space(model: str, path: str | Path | None = None) -> SearchSpace
     return SearchSpace(model=model, params=params, source=str(path))
 
 
-def _parse_param(name: str, spec: Any, where: str) -> Param:
-    if not isinstance(spec, dict) or "type" not in spec:
+def _parse_param(name: Any, spec: Any, where: str) -> Param:
+    if not isinstance(name, str):
+        raise MsaError(f"{where}: a hyperparameter name must be a string, got {name!r}")
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
         raise MsaError(f"{where}: expected a mapping with a 'type' ({', '.join(PARAM_TYPES)})")
     kind = spec["type"]
     keys = {"float": {"low", "high"}, "log_float": {"low", "high"}, "int": {"low", "high"},

@@ -117,7 +117,10 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
     if not config.models:
         raise MsaError(f"{where}: 'models' is empty; name at least one registered model")
     for model in config.models:
-        get_entry(model)
+        try:
+            get_entry(model)
+        except MsaError as exc:
+            raise MsaError(f"{where}: {exc}") from None
     for dataset in config.datasets:
         if dataset not in BUILTIN_DATASETS and not Path(dataset).exists():
             raise MsaError(
@@ -137,6 +140,10 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
         raise MsaError(f"{where}: resources need cpus_per_worker > 0 and gpus_per_worker >= 0")
     if search.grace_period > budget.max_epochs:
         raise MsaError(f"{where}: search.grace_period ({search.grace_period}) exceeds budget.max_epochs ({budget.max_epochs})")
+    if budget.time_budget_s is not None and budget.time_budget_s <= 0:
+        raise MsaError(f"{where}: budget.time_budget_s must be > 0 (or null), got {budget.time_budget_s}")
+    if search.mode and not search.metric:
+        raise MsaError(f"{where}: search.mode needs search.metric (the default metric implies its mode)")
     if search.metric:
         if search.metric not in METRIC_MODES:
             raise MsaError(f"{where}: unknown metric {search.metric!r}; known: {', '.join(METRIC_MODES)}")
@@ -147,9 +154,11 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
     owned = {"model", "data", "out", "seed", "epochs", "zero_stage", "precision"} & set(config.train)
     if owned:
         raise MsaError(f"{where}: train.{sorted(owned)[0]} is set by the sweep itself; remove it")
-    from msa.platform.train import TrainConfig
+    from msa.platform.train import resolve_config
 
-    build_dataclass(TrainConfig, {**config.train}, where=f"{where}: train")
+    trial = resolve_config({**config.train, "model": config.models[0], "data": "-"}, where=f"{where}: train")
+    for model in config.models:
+        build_dataclass(get_entry(model).config_class, trial.model_config, where=f"{where}: train.model_config for {model}")
     return config
 
 

@@ -43,3 +43,15 @@ def synth_classification_npz(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "synth_classification.npz"
     write_npz(synthesize("classification", seed=0, sizes={"train": 400, "valid": 100, "test": 100}), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """One local Ray runtime for every in-process sweep test (a Ray start costs seconds)."""
+    import ray
+
+    from msa.platform.sweep import TRIAL_SLOT
+
+    ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, dashboard_host="127.0.0.1")
+    yield ray
+    ray.shutdown()

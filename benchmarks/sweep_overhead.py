@@ -1,0 +1,107 @@
+"""Platform overhead: the same N trials x E epochs through `msa sweep` (Ray Tune + Optuna + Ray
+Train + DeepSpeed, one worker per trial, one trial at a time, no early stopping) and through a
+bare in-process PyTorch loop over the very configs the sweep drew. Prints one JSON object.
+
+    .venv/bin/python benchmarks/sweep_overhead.py --data ../shared/data/mosi_lite.npz --model tfn --trials 3 --epochs 20
+
+Where the time goes: `ray_init_s` (driver start), `training_s` (the sum of the trials' epoch
+times as measured inside train_loop: forward, backward, step, valid and test prediction),
+and the rest per trial (Tune function and Train controller actors, worker start and imports,
+process group, DeepSpeed init, checkpoint writes).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def bare_run(params: dict, dataset, epochs: int, seed: int) -> float:
+    """The same model, optimizer and batches as train_loop, with no Ray, DeepSpeed or checkpoints."""
+    from msa.models.registry import build_model
+    from msa.platform.train import SplitTensors, predict, seed_everything, task_loss
+
+    seed_everything(seed)
+    model_config = {k.split("/", 1)[1]: v for k, v in params.items() if k.startswith("model_config/")}
+    model = build_model(params["model"], dataset.spec, model_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
+    splits = {n: SplitTensors(s, torch.device("cpu"), torch.float32, dataset.task) for n, s in dataset.splits.items()}
+    order = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        permutation = torch.randperm(splits["train"].size, generator=order)
+        for start in range(0, len(permutation), params["batch_size"]):
+            features, lengths, labels = splits["train"].batch(permutation[start : start + params["batch_size"]])
+            loss = task_loss(model(features, lengths, labels).prediction, labels, dataset.task, "l1")
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        predict(model, splits["valid"], dataset.task, params["batch_size"])
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--model", default="baseline")
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=20)
+    args = parser.parse_args()
+
+    import optuna
+    import ray
+
+    from msa.platform.config import build_dataclass
+    from msa.platform.readers import load_dataset
+    from msa.platform.sweep import TRIAL_SLOT, run_sweep
+    from msa.platform.sweep_config import SweepConfig, validate_sweep_config
+
+    with tempfile.TemporaryDirectory() as storage:
+        config = validate_sweep_config(build_dataclass(SweepConfig, {
+            "name": "overhead", "datasets": [str(Path(args.data).resolve())], "models": [args.model],
+            "budget": {"trials_per_pair": args.trials, "max_epochs": args.epochs},
+            "search": {"sampler": "random", "seed": 0, "scheduler": "none"},
+            "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1},
+            "storage": storage, "train": {"patience": args.epochs},
+        }, where="bench"), where="bench")
+        started = time.perf_counter()
+        ray.init(resources={TRIAL_SLOT: 1}, dashboard_host="127.0.0.1")
+        ray_init_s = time.perf_counter() - started
+        run_sweep(config)
+        ray.shutdown()
+        platform_s = time.perf_counter() - started
+        (run_dir,) = Path(storage).glob("overhead-*")
+        (db,) = (run_dir / "optuna").glob("*.db")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        trials = optuna.load_study(study_name=db.stem, storage=f"sqlite:///{db}").trials
+        training_s = 0.0
+        for history in (run_dir / "trials").rglob("history.csv"):
+            with history.open() as handle:
+                training_s += sum(float(row["epoch_seconds"]) for row in csv.DictReader(handle))
+
+    dataset = load_dataset(args.data)
+    bare_s = sum(bare_run({**t.params, "model": args.model}, dataset, args.epochs, seed=0) for t in trials)
+    print(json.dumps({
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, "
+                   f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+        "model": args.model, "data": Path(args.data).name, "trials": args.trials, "epochs": args.epochs,
+        "platform_wall_s": round(platform_s, 1), "ray_init_s": round(ray_init_s, 1),
+        "platform_training_s": round(training_s, 1),
+        "overhead_per_trial_s": round((platform_s - ray_init_s - training_s) / args.trials, 1),
+        "bare_loop_s": round(bare_s, 1),
+        "mean_trial_s_platform": round((platform_s - ray_init_s) / args.trials, 1),
+        "ratio_platform_over_bare": round(platform_s / bare_s, 2),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""`msa sweep`: one Optuna study per (model, dataset) pair, run by Ray Tune over Ray Train trials.
+
+For each pair a `ray.tune.Tuner` drives `OptunaSearch` (TPE or random, seeded, persisted in
+SQLite inside the run directory) and ASHA. Each trial is a Tune function that runs a Ray Train
+`TorchTrainer` of `workers_per_trial` workers, every worker running `train_loop` under DeepSpeed
+(gloo on CPU). Datasets are loaded once by the driver and shared through the object store.
+Every epoch each worker saves the resumable state and reports it as the trial's checkpoint, so a
+retried trial (`FailureConfig`) and a resumed sweep (`Tuner.restore`) continue where they were.
+
+Run directory layout (``<storage>/<name>-<UTC time>/``):
+
+    sweep.yaml            the validated config the sweep started with (resume compares against it)
+    data/                 built-in datasets, generated once
+    optuna/<pair>.db      one Optuna study per pair (open with optuna-dashboard)
+    ray/<pair>/           Tune's experiment state (what `--resume` restores)
+    trials/<pair>/<trial_id>/   each trial's best-epoch checkpoint folder (see train.py)
+    summary.csv, summary.json   per pair: trials complete/pruned/failed, best valid metric and config
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from msa.platform.config import to_plain
+from msa.platform.errors import MsaError
+from msa.platform.features import FeatureSet
+from msa.platform.metrics import METRIC_MODES, SUITE_METRICS
+from msa.platform.readers import load_dataset, write_mmsa_pickle
+from msa.platform.search_space import load_search_space
+from msa.platform.sweep_config import BUILTIN_DATASETS, SweepConfig, load_sweep_config, validate_sweep_config
+from msa.platform.train import resolve_config, train_loop
+
+TRIAL_SLOT = "trial_slot"  # custom resource: one per concurrently running trial (see STACK.md)
+
+
+class SweepInterrupted(MsaError):
+    """The user stopped the sweep; its state is saved and `msa sweep --resume` continues it."""
+
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class PairContext:
+    """What every trial of one (model, dataset) pair needs; shipped once via `tune.with_parameters`."""
+
+    dataset_ref: list  # [ObjectRef]: a list so Ray hands the reference over, not the value
+    trials_dir: str
+    train_storage: str
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_failures: int
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: train, report each epoch with a resumable checkpoint."""
+    import ray
+    import ray.train
+
+    dataset = ray.get(loop_config["dataset_ref"][0])
+
+    def report(record: dict[str, float], save_state) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            save_state(Path(folder))
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        train_loop(loop_config["train"], dataset=dataset, on_epoch=report)
+    else:
+        with checkpoint.as_directory() as folder:
+            train_loop(loop_config["train"], dataset=dataset, on_epoch=report, resume_from=Path(folder))
+
+
+def run_trial(config: dict[str, Any], context: PairContext) -> None:
+    """The Tune function trainable: one data-parallel TorchTrainer per trial."""
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    train_config = {**config, "out": str(Path(context.trials_dir) / trial_id)}
+    use_gpu = context.gpus_per_worker > 0
+    worker_resources = {"CPU": context.cpus_per_worker, **({"GPU": context.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"train": train_config, "dataset_ref": context.dataset_ref},
+        scaling_config=ScalingConfig(num_workers=context.workers, use_gpu=use_gpu, resources_per_worker=worker_resources),
+        run_config=RunConfig(
+            name=trial_id,  # stable per trial, so a retried or restored trial finds its checkpoint
+            storage_path=context.train_storage,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=context.max_failures),
+        ),
+    )
+    trainer.fit()
+
+
+def _pruning_aware_searcher_class():
+    from optuna.trial import TrialState
+    from ray.tune.result import TRAINING_ITERATION
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PruningAwareOptunaSearch(OptunaSearch):
+        """OptunaSearch that records scheduler-stopped trials as PRUNED and errored ones as FAIL.
+
+        Ray's OptunaSearch tells Optuna COMPLETE whenever the last result has the metric, so an
+        ASHA-stopped trial would enter the study as finished with a truncated score. A trial's
+        natural last epoch carries ``final = 1``; any other ending was the scheduler's.
+        """
+
+        def suggest(self, trial_id: str) -> dict | None:
+            suggestion = super().suggest(trial_id)
+            if trial_id in self._ot_trials:  # link the study's record to the Ray trial and its folder
+                self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+            return suggestion
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return super().on_trial_complete(trial_id, result, error)
+            ot_trial = self._ot_trials[trial_id]
+            if error:
+                state = TrialState.FAIL
+            elif result is None or not result.get("final"):
+                state = TrialState.PRUNED
+                # Tune hands the result that made the scheduler stop the trial only to this
+                # method; keep it as the last intermediate value (Optuna's value for a PRUNED trial).
+                if result is not None and self.metric in result:
+                    with warnings.catch_warnings():  # Optuna ignores (and warns about) a step already reported
+                        warnings.simplefilter("ignore")
+                        ot_trial.report(result[self.metric], result[TRAINING_ITERATION])
+            else:
+                return super().on_trial_complete(trial_id, result, error)
+            self._ot_study.tell(ot_trial, state=state)
+            self._completed_trials.add(trial_id)
+
+    return PruningAwareOptunaSearch
+
+
+def _progress_callback_class():
+    from ray import tune
+
+    class PairProgress(tune.Callback):
+        """Prints, per pair, trials done out of the budget and the best valid metric so far."""
+
+        def __init__(self, pair: str, total: int, metric: str, mode: str):
+            self.pair, self.total, self.metric, self.mode = pair, total, metric, mode
+            self.done, self.best = 0, None
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._count(trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._count(trial, "failed")
+
+        def _count(self, trial, how: str) -> None:
+            self.done += 1
+            value = (trial.last_result or {}).get(self.metric)
+            if value is not None and not math.isnan(value):
+                if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
+                    self.best = value
+            best = "-" if self.best is None else f"{self.best:.4g}"
+            print(f"[{self.pair}] {self.done}/{self.total} trials finished ({trial.trial_id} {how}); "
+                  f"best {self.metric} {best}", flush=True)
+
+    return PairProgress
+
+
+def _make_run_dir(config: SweepConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    run_dir = Path(config.storage).resolve() / f"{config.name}-{stamp}"
+    if run_dir.exists():
+        raise MsaError(f"run directory {run_dir} already exists; wait a second or change name")
+    run_dir.mkdir(parents=True)
+    (run_dir / "sweep.yaml").write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
+    return run_dir
+
+
+def _load_datasets(config: SweepConfig, run_dir: Path | None) -> dict[str, FeatureSet]:
+    """Every dataset, loaded once. Built-ins are generated (or, on resume, re-read from the run
+    directory); paths are read as given."""
+    from msa.platform.synth import synthesize
+
+    datasets = {}
+    for name in config.datasets:
+        if name not in BUILTIN_DATASETS:
+            datasets[name] = load_dataset(Path(name).resolve())
+        elif run_dir is not None and (run_dir / "data" / f"{name}.pkl").is_file():
+            datasets[name] = load_dataset(run_dir / "data" / f"{name}.pkl")
+        else:
+            datasets[name] = synthesize(name.removeprefix("synth_"), seed=0)
+    return datasets
+
+
+def _save_builtin_datasets(datasets: dict[str, FeatureSet], run_dir: Path) -> None:
+    """Write generated datasets into the run directory, so trials and resumes read one file."""
+    for name, dataset in datasets.items():
+        path = run_dir / "data" / f"{name}.pkl"
+        if name in BUILTIN_DATASETS and not path.exists():
+            write_mmsa_pickle(dataset, path)
+            dataset.source = str(path)
+
+
+def _check_resources(config: SweepConfig) -> None:
+    """Fail fast when no node can ever hold one trial, instead of letting Tune wait forever."""
+    import ray
+
+    res = config.resources
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    per_worker = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
+    fits = sum(
+        min(int(n["Resources"].get(k, 0) // v) for k, v in per_worker.items() if v > 0) for n in nodes
+    )
+    if fits < res.workers_per_trial:
+        totals = {k: sum(n["Resources"].get(k, 0) for n in nodes) for k in per_worker}
+        raise MsaError(
+            f"a trial needs {res.workers_per_trial} workers x ({res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU) "
+            f"but the cluster can hold at most {fits} such workers (it has {totals['CPU']:g} CPUs, "
+            f"{totals['GPU']:g} GPUs); lower resources.workers_per_trial or the per-worker sizes"
+        )
+
+
+def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: str | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) a sweep; returns the summary rows, also written to the run directory.
+
+    Raises:
+        MsaError: invalid config, data or metric, or resources no node could ever give.
+    """
+    import ray
+
+    datasets = _load_datasets(config, resume_dir)
+    for name, dataset in datasets.items():
+        metric = config.selection_metric(dataset.metric_suite)
+        if metric not in SUITE_METRICS[dataset.metric_suite]:
+            raise MsaError(
+                f"unknown metric {metric!r} for dataset {name!r} ({dataset.metric_suite} metrics: "
+                f"{', '.join(SUITE_METRICS[dataset.metric_suite])})"
+            )
+    spaces = {model: load_search_space(model) for model in config.models}
+    run_dir = resume_dir if resume_dir is not None else _make_run_dir(config)
+    _save_builtin_datasets(datasets, run_dir)
+    own_runtime = not ray.is_initialized()  # tests and notebooks may already hold one
+    if own_runtime:
+        ray.init(
+            address=address,
+            resources=None if address else {TRIAL_SLOT: config.resources.max_concurrent_trials},
+            # The dashboard's State API must run: without it Train V2 leaks the placement group of
+            # every trial that ASHA stops, and later trials wait forever (STACK.md). Loopback only.
+            dashboard_host="127.0.0.1",
+        )
+    try:
+        _check_resources(config)
+        refs = {name: ray.put(dataset) for name, dataset in datasets.items()}
+        rows = [
+            _run_pair(config, run_dir, model, name, datasets[name], refs[name], spaces[model], resume_dir is not None)
+            for model in config.models
+            for name in config.datasets
+        ]
+    finally:
+        if own_runtime:
+            ray.shutdown()
+    _write_summary(run_dir, rows)
+    return rows
+
+
+def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, space, resuming: bool) -> dict[str, Any]:
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    pair = f"{model}-{Path(dataset_name).stem}"
+    metric = config.selection_metric(dataset.metric_suite)
+    mode = METRIC_MODES[metric]
+    tune_metric = f"best_valid_{metric}"
+    (run_dir / "optuna").mkdir(exist_ok=True)
+    storage_url = f"sqlite:///{run_dir / 'optuna' / f'{pair}.db'}"
+    context = PairContext(
+        dataset_ref=[ref], trials_dir=str(run_dir / "trials" / pair), train_storage=str(run_dir / "train" / pair),
+        workers=config.resources.workers_per_trial, cpus_per_worker=config.resources.cpus_per_worker,
+        gpus_per_worker=config.resources.gpus_per_worker, max_failures=config.resources.max_failures,
+    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0, TRIAL_SLOT: 1})
+    experiment = run_dir / "ray" / pair
+    progress = _progress_callback_class()(pair, config.budget.trials_per_pair, tune_metric, mode)
+    if resuming and tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        sampler_class = optuna.samplers.TPESampler if config.search.sampler == "tpe" else optuna.samplers.RandomSampler
+        searcher = _pruning_aware_searcher_class()(
+            space=space.optuna_space(), metric=tune_metric, mode=mode, sampler=sampler_class(seed=config.search.seed),
+            study_name=pair, storage=optuna.storages.RDBStorage(storage_url),
+        )
+        scheduler = (
+            ASHAScheduler(time_attr="epoch", max_t=config.budget.max_epochs, grace_period=config.search.grace_period,
+                          reduction_factor=config.search.reduction_factor)
+            if config.search.scheduler == "asha" else FIFOScheduler()
+        )
+        param_space = {
+            **config.train, **space.fixed_values(), "model": model, "data": dataset.source, "epochs": config.budget.max_epochs,
+            "seed": config.search.seed, "selection_metric": metric,
+            "zero_stage": config.deepspeed.zero_stage, "precision": config.deepspeed.precision,
+        }
+        resolve_config({**param_space, "out": "unused"}, where=f"{pair} trial config")  # fail before Ray works
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=config.resources.max_concurrent_trials),
+                scheduler=scheduler, metric=tune_metric, mode=mode, num_samples=config.budget.trials_per_pair,
+                time_budget_s=config.budget.time_budget_s,
+            ),
+            run_config=tune.RunConfig(
+                name=pair, storage_path=str(run_dir / "ray"),
+                failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
+                callbacks=[progress], verbose=1,
+            ),
+        )
+    print(f"[{pair}] study {storage_url} ({config.budget.trials_per_pair} trials, metric valid {metric}, {mode})", flush=True)
+    started = time.monotonic()
+    grid = tuner.fit()
+    # Tune returns normally on Ctrl-C; fewer ended trials than the budget, without the time
+    # budget having run out, means the user stopped it.
+    ended = grid.num_terminated + grid.num_errors
+    out_of_time = config.budget.time_budget_s is not None and time.monotonic() - started >= config.budget.time_budget_s
+    if ended < config.budget.trials_per_pair and not out_of_time:
+        raise SweepInterrupted(f"sweep interrupted during {pair}; resume with: msa sweep --resume {run_dir}")
+    return _pair_summary(pair, model, dataset_name, metric, mode, storage_url, Path(context.trials_dir))
+
+
+def _pair_summary(pair, model, dataset_name, metric, mode, storage_url, trials_dir: Path) -> dict[str, Any]:
+    """Counts and the best trial, read back from the Optuna study (the record of what happened)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=pair, storage=storage_url)
+    trials = study.get_trials(deepcopy=False)
+    counts = {state: sum(t.state == state for t in trials) for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    scored = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and _trial_score(t) is not None]
+    best = (min if mode == "min" else max)(scored, key=_trial_score) if scored else None
+    row: dict[str, Any] = {
+        "pair": pair, "model": model, "dataset": dataset_name, "metric": f"valid_{metric}", "mode": mode,
+        "trials": len(trials), "complete": counts[TrialState.COMPLETE], "pruned": counts[TrialState.PRUNED],
+        "failed": counts[TrialState.FAIL], "best_value": None, "best_params": None, "best_checkpoint": None,
+    }
+    if best is not None:
+        folder = trials_dir / best.user_attrs["ray_trial_id"]
+        row.update(best_value=_trial_score(best), best_params=best.params,
+                   best_checkpoint=str(folder) if (folder / "metrics.json").is_file() else None)
+    return row
+
+
+def _trial_score(trial) -> float | None:
+    """A complete trial's value, or a pruned trial's last intermediate (best-so-far) value."""
+    if trial.value is not None:
+        return trial.value
+    if trial.intermediate_values:
+        return trial.intermediate_values[max(trial.intermediate_values)]
+    return None
+
+
+SUMMARY_COLUMNS = ("pair", "trials", "complete", "pruned", "failed", "metric", "best_value", "best_checkpoint")
+
+
+def _write_summary(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(rows, indent=2, default=str))
+    with (run_dir / "summary.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*SUMMARY_COLUMNS, "best_params"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**r, "best_params": json.dumps(r["best_params"])} for r in rows)
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'pair':<34}{'trials':>7}{'done':>6}{'pruned':>8}{'failed':>8}  {'best valid':<22}best config"]
+    for r in rows:
+        best = "-" if r["best_value"] is None else f"{r['metric'][6:]} {r['best_value']:.4g}"
+        lines.append(f"{r['pair']:<34}{r['trials']:>7}{r['complete']:>6}{r['pruned']:>8}{r['failed']:>8}  "
+                     f"{best:<22}{json.dumps(r['best_params'])}")
+    return "\n".join(lines)
+
+
+def resume_config(run_dir: Path, config_path: str | None, overrides: list[str]) -> SweepConfig:
+    """The config a run started with; a given config must match it exactly."""
+    started_file = run_dir / "sweep.yaml"
+    if not run_dir.is_dir() or not started_file.is_file():
+        raise MsaError(f"{run_dir} is not a sweep run directory (no sweep.yaml); cannot resume it")
+    from msa.platform.config import build_dataclass, load_yaml_mapping
+
+    started = validate_sweep_config(
+        build_dataclass(SweepConfig, load_yaml_mapping(started_file), where=str(started_file)), where=str(started_file)
+    )
+    if config_path is not None or overrides:
+        if config_path is not None:
+            given = load_sweep_config(config_path, overrides)
+        else:
+            from msa.platform.config import merge, parse_overrides
+
+            where = f"{started_file} + command-line overrides"
+            given = validate_sweep_config(
+                build_dataclass(SweepConfig, merge(to_plain(started), parse_overrides(overrides)), where=where), where=where
+            )
+        if to_plain(given) != to_plain(started):
+            diff = _first_difference(to_plain(started), to_plain(given))
+            raise MsaError(f"the config differs from the one {run_dir} started with ({diff}); resume without changes")
+    return started
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    for key in sorted(set(a) | set(b)):
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            found = _first_difference(a[key], b[key], f"{prefix}{key}.")
+            if found:
+                return found
+        elif a.get(key) != b.get(key):
+            return f"{prefix}{key}: started with {a.get(key)!r}, given {b.get(key)!r}"
+    return ""

@@ -1,0 +1,141 @@
+"""Real sweeps: Ray Tune + Optuna over Ray Train trials running DeepSpeed on the CPU.
+
+The interrupt/resume test drives the `msa` console script (its own Ray) and runs first; the
+others share the session's Ray runtime."""
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from msa.platform.errors import MsaError
+from msa.platform.sweep import run_sweep
+from msa.platform.sweep_config import load_sweep_config
+
+MSA = str(Path(sys.executable).parent / "msa")
+
+
+def write_config(tmp_path: Path, **sections) -> Path:
+    config = {"name": "t", "storage": str(tmp_path / "sweeps"), "train": {"patience": 5}, **sections}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def studies(run_dir: Path) -> dict[str, optuna.Study]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return {
+        db.stem: optuna.load_study(study_name=db.stem, storage=f"sqlite:///{db}")
+        for db in sorted((run_dir / "optuna").glob("*.db"))
+    }
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def test_interrupted_sweep_resumes_without_rerunning_or_losing_trials(tmp_path):
+    config = write_config(
+        tmp_path, datasets=["synth_regression"], models=["baseline"],
+        budget={"trials_per_pair": 4, "max_epochs": 3}, search={"scheduler": "none", "seed": 1},
+        resources={"workers_per_trial": 1, "max_concurrent_trials": 1},
+    )
+    driver = subprocess.Popen([MSA, "sweep", str(config)], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 420
+    before: dict[str, float] = {}
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(2)
+        run_dirs = list((tmp_path / "sweeps").glob("t-*"))
+        if not run_dirs or not (run_dirs[0] / "optuna").exists():
+            continue
+        done = [t for s in studies(run_dirs[0]).values() for t in finished(s)]
+        if len(done) >= 2:
+            driver.send_signal(signal.SIGINT)
+            break
+    output = driver.communicate(timeout=240)[0]
+    assert driver.returncode == 130, output[-3000:]
+    assert "msa sweep --resume" in output
+    run_dir = run_dirs[0]
+    (study,) = studies(run_dir).values()
+    trials_dir = run_dir / "trials" / "baseline-synth_regression"
+    before = {t.user_attrs["ray_trial_id"]: (trials_dir / t.user_attrs["ray_trial_id"] / "metrics.json").stat().st_mtime
+              for t in finished(study)}
+    assert 2 <= len(before) < 4
+
+    resumed = subprocess.run([MSA, "sweep", "--resume", str(run_dir)], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    (study,) = studies(run_dir).values()
+    ray_ids = [t.user_attrs["ray_trial_id"] for t in study.trials]
+    assert len(study.trials) == 4 and len(set(ray_ids)) == 4
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    for trial_id, mtime in before.items():  # finished before the interrupt: not run again
+        assert (trials_dir / trial_id / "metrics.json").stat().st_mtime == mtime
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary[0]["trials"] == 4 and summary[0]["complete"] == 4
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    from msa.platform.cli import main
+
+    config = write_config(tmp_path, datasets=["synth_regression"], models=["baseline"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    from msa.platform.config import to_plain
+
+    (run_dir / "sweep.yaml").write_text(yaml.safe_dump(to_plain(load_sweep_config(config))))
+    assert main(["sweep", "--resume", str(run_dir), str(config), "budget.trials_per_pair=3"]) == 2
+
+
+def test_infeasible_trial_resources_fail_fast(ray_runtime, tmp_path):
+    config = load_sweep_config(write_config(
+        tmp_path, datasets=["synth_regression"], models=["baseline"],
+        resources={"workers_per_trial": 3, "cpus_per_worker": 1},
+    ))
+    started = time.time()
+    with pytest.raises(MsaError, match="cluster can hold at most 2 such workers"):
+        run_sweep(config)
+    assert time.time() - started < 120  # a message, not a hang
+
+
+def test_two_models_two_datasets_two_workers_zero1_with_asha_pruning(ray_runtime, tmp_path):
+    config = load_sweep_config(write_config(
+        tmp_path, name="grid", datasets=["synth_regression", "synth_classification"], models=["baseline", "tfn"],
+        budget={"trials_per_pair": 2, "max_epochs": 3},
+        search={"sampler": "tpe", "seed": 0, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 1},
+        deepspeed={"zero_stage": 1},
+    ))
+    rows = run_sweep(config)
+    (run_dir,) = (tmp_path / "sweeps").glob("grid-*")
+
+    assert [r["pair"] for r in rows] == [
+        "baseline-synth_regression", "baseline-synth_classification", "tfn-synth_regression", "tfn-synth_classification"
+    ]
+    assert {r["metric"] for r in rows} == {"valid_mae", "valid_acc"}
+    for row in rows:
+        assert row["trials"] == 2 and row["failed"] == 0 and row["complete"] + row["pruned"] == 2
+        folder = Path(row["best_checkpoint"])
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest() == metrics["weights_sha256"]
+
+    all_studies = studies(run_dir)
+    pruned = [t for s in all_studies.values() for t in s.trials if t.state == TrialState.PRUNED]
+    assert pruned, "ASHA stopped no trial; Optuna must list scheduler-stopped trials as PRUNED"
+    for trial in pruned:  # Optuna's value of a pruned trial is its last intermediate value
+        assert trial.intermediate_values, "a pruned trial must keep its per-epoch values"
+        assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
+        assert max(trial.intermediate_values) < 3  # stopped before max_epochs
+    # Two data-parallel ranks per trial: ZeRO-1 writes one optimizer shard per rank.
+    assert list((run_dir / "train").rglob("zero_pp_rank_1_*optim_states.pt"))
+    assert (run_dir / "summary.csv").is_file()
