@@ -355,7 +355,7 @@ def _pair_summary(pair, model, dataset_name, metric, mode, storage_url, trials_d
         "failed": counts[TrialState.FAIL], "best_value": None, "best_params": None, "best_checkpoint": None,
     }
     if best is not None:
-        folder = trials_dir / best.user_attrs["ray_trial_id"]
+        folder = trials_dir / best.user_attrs.get("ray_trial_id", "")
         row.update(best_value=_trial_score(best), best_params=best.params,
                    best_checkpoint=str(folder) if (folder / "metrics.json").is_file() else None)
     return row
