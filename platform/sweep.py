@@ -29,6 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.result import TRAINING_ITERATION
+from ray.tune.search.optuna import OptunaSearch
 
 from msa.platform.config import to_plain
 from msa.platform.errors import MsaError
@@ -83,7 +87,6 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
 def run_trial(config: dict[str, Any], context: PairContext) -> None:
     """The Tune function trainable: one data-parallel TorchTrainer per trial."""
-    from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -107,74 +110,62 @@ def run_trial(config: dict[str, Any], context: PairContext) -> None:
     trainer.fit()
 
 
-def _pruning_aware_searcher_class():
-    from optuna.trial import TrialState
-    from ray.tune.result import TRAINING_ITERATION
-    from ray.tune.search.optuna import OptunaSearch
+class PruningAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that records scheduler-stopped trials as PRUNED and errored ones as FAIL.
 
-    class PruningAwareOptunaSearch(OptunaSearch):
-        """OptunaSearch that records scheduler-stopped trials as PRUNED and errored ones as FAIL.
+    Ray's OptunaSearch tells Optuna COMPLETE whenever the last result has the metric, so an
+    ASHA-stopped trial would enter the study as finished with a truncated score. A trial's
+    natural last epoch carries ``final = 1``; any other ending was the scheduler's.
+    """
 
-        Ray's OptunaSearch tells Optuna COMPLETE whenever the last result has the metric, so an
-        ASHA-stopped trial would enter the study as finished with a truncated score. A trial's
-        natural last epoch carries ``final = 1``; any other ending was the scheduler's.
-        """
+    def suggest(self, trial_id: str) -> dict | None:
+        suggestion = super().suggest(trial_id)
+        if trial_id in self._ot_trials:  # link the study's record to the Ray trial and its folder
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return suggestion
 
-        def suggest(self, trial_id: str) -> dict | None:
-            suggestion = super().suggest(trial_id)
-            if trial_id in self._ot_trials:  # link the study's record to the Ray trial and its folder
-                self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
-            return suggestion
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        ot_trial = self._ot_trials[trial_id]
+        if error:
+            state = TrialState.FAIL
+        elif result is None or not result.get("final"):
+            state = TrialState.PRUNED
+            # Tune hands the result that made the scheduler stop the trial only to this
+            # method; keep it as the last intermediate value (Optuna's value for a PRUNED trial).
+            if result is not None and self.metric in result:
+                with warnings.catch_warnings():  # Optuna ignores (and warns about) a step already reported
+                    warnings.simplefilter("ignore")
+                    ot_trial.report(result[self.metric], result[TRAINING_ITERATION])
+        else:
+            return super().on_trial_complete(trial_id, result, error)
+        self._ot_study.tell(ot_trial, state=state)
+        self._completed_trials.add(trial_id)
 
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return super().on_trial_complete(trial_id, result, error)
-            ot_trial = self._ot_trials[trial_id]
-            if error:
-                state = TrialState.FAIL
-            elif result is None or not result.get("final"):
-                state = TrialState.PRUNED
-                # Tune hands the result that made the scheduler stop the trial only to this
-                # method; keep it as the last intermediate value (Optuna's value for a PRUNED trial).
-                if result is not None and self.metric in result:
-                    with warnings.catch_warnings():  # Optuna ignores (and warns about) a step already reported
-                        warnings.simplefilter("ignore")
-                        ot_trial.report(result[self.metric], result[TRAINING_ITERATION])
-            else:
-                return super().on_trial_complete(trial_id, result, error)
-            self._ot_study.tell(ot_trial, state=state)
-            self._completed_trials.add(trial_id)
+class PairProgress(tune.Callback):
+    """Prints, per pair, trials done out of the budget and the best valid metric so far."""
 
-    return PruningAwareOptunaSearch
+    def __init__(self, pair: str, total: int, metric: str, mode: str):
+        self.pair, self.total, self.metric, self.mode = pair, total, metric, mode
+        self.done, self.best = 0, None
 
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._count(trial, "done")
 
-def _progress_callback_class():
-    from ray import tune
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._count(trial, "failed")
 
-    class PairProgress(tune.Callback):
-        """Prints, per pair, trials done out of the budget and the best valid metric so far."""
+    def _count(self, trial, how: str) -> None:
+        self.done += 1
+        value = (trial.last_result or {}).get(self.metric)
+        if value is not None and not math.isnan(value):
+            if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
+                self.best = value
+        best = "-" if self.best is None else f"{self.best:.4g}"
+        print(f"[{self.pair}] {self.done}/{self.total} trials finished ({trial.trial_id} {how}); "
+              f"best {self.metric} {best}", flush=True)
 
-        def __init__(self, pair: str, total: int, metric: str, mode: str):
-            self.pair, self.total, self.metric, self.mode = pair, total, metric, mode
-            self.done, self.best = 0, None
-
-        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            self._count(trial, "done")
-
-        def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self._count(trial, "failed")
-
-        def _count(self, trial, how: str) -> None:
-            self.done += 1
-            value = (trial.last_result or {}).get(self.metric)
-            if value is not None and not math.isnan(value):
-                if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
-                    self.best = value
-            best = "-" if self.best is None else f"{self.best:.4g}"
-            print(f"[{self.pair}] {self.done}/{self.total} trials finished ({trial.trial_id} {how}); "
-                  f"best {self.metric} {best}", flush=True)
-
-    return PairProgress
 
 
 def _make_run_dir(config: SweepConfig) -> Path:
@@ -276,7 +267,6 @@ def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: s
 
 def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, space, resuming: bool) -> dict[str, Any]:
     import optuna
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
@@ -293,12 +283,12 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0, TRIAL_SLOT: 1})
     experiment = run_dir / "ray" / pair
-    progress = _progress_callback_class()(pair, config.budget.trials_per_pair, tune_metric, mode)
+    progress = PairProgress(pair, config.budget.trials_per_pair, tune_metric, mode)
     if resuming and tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         sampler_class = optuna.samplers.TPESampler if config.search.sampler == "tpe" else optuna.samplers.RandomSampler
-        searcher = _pruning_aware_searcher_class()(
+        searcher = PruningAwareOptunaSearch(
             space=space.optuna_space(), metric=tune_metric, mode=mode, sampler=sampler_class(seed=config.search.seed),
             study_name=pair, storage=optuna.storages.RDBStorage(storage_url),
         )
@@ -342,13 +332,13 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
 def _pair_summary(pair, model, dataset_name, metric, mode, storage_url, trials_dir: Path) -> dict[str, Any]:
     """Counts and the best trial, read back from the Optuna study (the record of what happened)."""
     import optuna
-    from optuna.trial import TrialState
 
     study = optuna.load_study(study_name=pair, storage=storage_url)
     trials = study.get_trials(deepcopy=False)
     counts = {state: sum(t.state == state for t in trials) for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    scored = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and _trial_score(t) is not None]
-    best = (min if mode == "min" else max)(scored, key=_trial_score) if scored else None
+    # A PRUNED trial's value is its last (best-so-far) intermediate value, so it competes too.
+    scored = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.value is not None]
+    best = (min if mode == "min" else max)(scored, key=lambda t: t.value) if scored else None
     row: dict[str, Any] = {
         "pair": pair, "model": model, "dataset": dataset_name, "metric": f"valid_{metric}", "mode": mode,
         "trials": len(trials), "complete": counts[TrialState.COMPLETE], "pruned": counts[TrialState.PRUNED],
@@ -356,18 +346,9 @@ def _pair_summary(pair, model, dataset_name, metric, mode, storage_url, trials_d
     }
     if best is not None:
         folder = trials_dir / best.user_attrs.get("ray_trial_id", "")
-        row.update(best_value=_trial_score(best), best_params=best.params,
+        row.update(best_value=best.value, best_params=best.params,
                    best_checkpoint=str(folder) if (folder / "metrics.json").is_file() else None)
     return row
-
-
-def _trial_score(trial) -> float | None:
-    """A complete trial's value, or a pruned trial's last intermediate (best-so-far) value."""
-    if trial.value is not None:
-        return trial.value
-    if trial.intermediate_values:
-        return trial.intermediate_values[max(trial.intermediate_values)]
-    return None
 
 
 SUMMARY_COLUMNS = ("pair", "trials", "complete", "pruned", "failed", "metric", "best_value", "best_checkpoint")
