@@ -1,18 +1,23 @@
-"""Platform overhead: the same N trials x E epochs through `msa sweep` (Ray Tune + Optuna + Ray
-Train + DeepSpeed, one worker per trial, one trial at a time, no early stopping) and through a
-bare in-process PyTorch loop over the very configs the sweep drew. Prints one JSON object.
+"""Platform overhead: the same N trials x E epochs through `msa sweep` (Ray Tune + Optuna +
+DeepSpeed, one worker per trial, one trial at a time, no early stopping) and through a bare
+in-process PyTorch loop over the very configs the sweep drew. Prints one JSON object.
 
-    .venv/bin/python benchmarks/sweep_overhead.py --data ../shared/data/mosi_lite.npz --model tfn --trials 3 --epochs 20
+    .venv/bin/python benchmarks/sweep_overhead.py --data ../shared/data/mosi_lite.npz --model tfn --trials 3 --epochs 30
+    ... --train-actors   # one-worker trials through a Ray Train TorchTrainer instead of inline
 
-Where the time goes: `ray_init_s` (driver start), `training_s` (the sum of the trials' epoch
-times as measured inside train_loop: forward, backward, step, valid and test prediction),
-and the rest per trial (Tune function and Train controller actors, worker start and imports,
-process group, DeepSpeed init, checkpoint writes).
+Where the time goes, per trial (means):
+- `training_s`: the epochs as timed inside train_loop (forward, backward, step, valid
+  prediction, and on improving epochs test prediction and the best-checkpoint write);
+- `report_s`: per epoch, saving the resumable state and reporting it to Tune (Tune's
+  `time_this_iter_s` minus the epoch, summed over epochs after the first);
+- `setup_s`: from the trainable's start to its first report, minus the first epoch
+  (DeepSpeed import, process group, model, `deepspeed.initialize`, data to tensors; with
+  `--train-actors` also the Train controller and worker start);
+- `start_s`: the rest (Tune starting the trial actor and importing the platform, scheduling).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -49,12 +54,27 @@ def bare_run(params: dict, dataset, epochs: int, seed: int) -> float:
     return time.perf_counter() - started
 
 
+def trial_phases(run_dir: Path) -> dict[str, float]:
+    """Totals over all trials, from Tune's per-report timings (see the module docstring)."""
+    totals = {"training_s": 0.0, "setup_s": 0.0, "report_s": 0.0}
+    for result_file in (run_dir / "ray").rglob("result.json"):
+        results = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        totals["training_s"] += sum(r["epoch_seconds"] for r in results)
+        totals["setup_s"] += results[0]["time_this_iter_s"] - results[0]["epoch_seconds"]
+        totals["report_s"] += sum(r["time_this_iter_s"] - r["epoch_seconds"] for r in results[1:])
+    return totals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--model", default="baseline")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--cpus-per-worker", type=float, default=os.cpu_count(),
+                        help="the trial's CPUs (Ray sets its torch threads to this); default: all, as the bare loop")
+    parser.add_argument("--train-actors", action="store_true",
+                        help="run one-worker trials through a TorchTrainer (resources.inline_single_worker=false)")
     args = parser.parse_args()
 
     import optuna
@@ -70,7 +90,8 @@ def main() -> None:
             "name": "overhead", "datasets": [str(Path(args.data).resolve())], "models": [args.model],
             "budget": {"trials_per_pair": args.trials, "max_epochs": args.epochs},
             "search": {"sampler": "random", "seed": 0, "scheduler": "none"},
-            "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1},
+            "resources": {"workers_per_trial": 1, "cpus_per_worker": args.cpus_per_worker, "max_concurrent_trials": 1,
+                          "inline_single_worker": not args.train_actors},
             "storage": storage, "train": {"patience": args.epochs},
         }, where="bench"), where="bench")
         started = time.perf_counter()
@@ -83,10 +104,7 @@ def main() -> None:
         (db,) = (run_dir / "optuna").glob("*.db")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         trials = optuna.load_study(study_name=db.stem, storage=f"sqlite:///{db}").trials
-        training_s = 0.0
-        for history in (run_dir / "trials").rglob("history.csv"):
-            with history.open() as handle:
-                training_s += sum(float(row["epoch_seconds"]) for row in csv.DictReader(handle))
+        phases = trial_phases(run_dir)
 
     dataset = load_dataset(args.data)
     bare_s = sum(bare_run({**t.params, "model": args.model}, dataset, args.epochs, seed=0) for t in trials)
@@ -95,11 +113,18 @@ def main() -> None:
                    f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
         "model": args.model, "data": Path(args.data).name, "trials": args.trials, "epochs": args.epochs,
         "platform_wall_s": round(platform_s, 1), "ray_init_s": round(ray_init_s, 1),
-        "platform_training_s": round(training_s, 1),
-        "overhead_per_trial_s": round((platform_s - ray_init_s - training_s) / args.trials, 1),
+        "cpus_per_trial": args.cpus_per_worker,
+        "trial_path": "TorchTrainer (controller + 1 worker actor)" if args.train_actors else "inline in the Tune trial",
+        "platform_training_s": round(phases["training_s"], 1),
         "bare_loop_s": round(bare_s, 1),
-        "mean_trial_s_platform": round((platform_s - ray_init_s) / args.trials, 1),
+        "per_trial_mean_s": {
+            "platform": round((platform_s - ray_init_s) / args.trials, 1),
+            "bare": round(bare_s / args.trials, 1),
+            **{name: round(value / args.trials, 2) for name, value in phases.items()},
+            "start_s": round((platform_s - ray_init_s - sum(phases.values())) / args.trials, 2),
+        },
         "ratio_platform_over_bare": round(platform_s / bare_s, 2),
+        "ratio_without_ray_init": round((platform_s - ray_init_s) / bare_s, 2),
     }, indent=2))
 
 

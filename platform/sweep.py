@@ -3,9 +3,12 @@
 For each pair a `ray.tune.Tuner` drives `OptunaSearch` (TPE or random, seeded, persisted in
 SQLite inside the run directory) and ASHA. Each trial is a Tune function that runs a Ray Train
 `TorchTrainer` of `workers_per_trial` workers, every worker running `train_loop` under DeepSpeed
-(gloo on CPU). Datasets are loaded once by the driver and shared through the object store.
-Every epoch each worker saves the resumable state and reports it as the trial's checkpoint, so a
-retried trial (`FailureConfig`) and a resumed sweep (`Tuner.restore`) continue where they were.
+(gloo on CPU). A one-worker trial runs the same `train_loop` inside the Tune function on a
+one-rank process group instead (`resources.inline_single_worker`), which saves starting a Train
+controller and a worker process per trial. Datasets are loaded once by the driver and shared
+through the object store. Every epoch the trial saves its resumable state and reports it as its
+checkpoint, so a retried trial (`FailureConfig`) and a resumed sweep (`Tuner.restore`) continue
+where they were.
 
 Run directory layout (``<storage>/<name>-<UTC time>/``):
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import tempfile
 import time
@@ -63,36 +67,54 @@ class PairContext:
     cpus_per_worker: float
     gpus_per_worker: float
     max_failures: int
+    inline: bool  # run train_loop in the Tune function itself (one worker, see module docstring)
 
 
-def worker_loop(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: train, report each epoch with a resumable checkpoint."""
+def _train_and_report(train_config: dict[str, Any], dataset_ref: list, report_api) -> None:
+    """Train, reporting every epoch with a resumable checkpoint; continue from the last one.
+
+    `report_api` is `ray.train` on a Train worker and `ray.tune` in an inline trial: both have
+    `report`, `get_checkpoint` and `Checkpoint`."""
     import ray
-    import ray.train
 
-    dataset = ray.get(loop_config["dataset_ref"][0])
+    for storage_logger in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        # Both log one INFO line per saved checkpoint, i.e. per epoch of every trial.
+        logging.getLogger(storage_logger).setLevel(logging.WARNING)
+    dataset = ray.get(dataset_ref[0])
 
     def report(record: dict[str, float], save_state) -> None:
         with tempfile.TemporaryDirectory() as folder:
             save_state(Path(folder))
-            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            report_api.report(record, checkpoint=report_api.Checkpoint.from_directory(folder))
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = report_api.get_checkpoint()
     if checkpoint is None:
-        train_loop(loop_config["train"], dataset=dataset, on_epoch=report)
+        # An attempt stopped between writing its first best epoch and reporting a checkpoint
+        # (Ctrl-C, a crash) leaves the trial's folder behind; this attempt starts over.
+        train_loop(train_config, dataset=dataset, on_epoch=report, replace_stale_out=True)
     else:
         with checkpoint.as_directory() as folder:
-            train_loop(loop_config["train"], dataset=dataset, on_epoch=report, resume_from=Path(folder))
+            train_loop(train_config, dataset=dataset, on_epoch=report, resume_from=Path(folder))
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+
+    _train_and_report(loop_config["train"], loop_config["dataset_ref"], ray.train)
 
 
 def run_trial(config: dict[str, Any], context: PairContext) -> None:
-    """The Tune function trainable: one data-parallel TorchTrainer per trial."""
+    """The Tune function trainable: inline for one worker, else one data-parallel TorchTrainer."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     train_config = {**config, "out": str(Path(context.trials_dir) / trial_id)}
+    if context.inline:
+        _train_and_report(train_config, context.dataset_ref, tune)
+        return
     use_gpu = context.gpus_per_worker > 0
     worker_resources = {"CPU": context.cpus_per_worker, **({"GPU": context.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -108,6 +130,11 @@ def run_trial(config: dict[str, Any], context: PairContext) -> None:
         ),
     )
     trainer.fit()
+
+
+def trial_dirname(trial) -> str:
+    """Tune's folder for a trial: its id, as in `trials/` (Tune's default spells out every param)."""
+    return trial.trial_id
 
 
 class PruningAwareOptunaSearch(OptunaSearch):
@@ -151,7 +178,7 @@ class PairProgress(tune.Callback):
         self.done, self.best = 0, None
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._count(trial, "done")
+        self._count(trial, "complete" if (trial.last_result or {}).get("final") else "stopped early")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._count(trial, "failed")
@@ -164,8 +191,7 @@ class PairProgress(tune.Callback):
                 self.best = value
         best = "-" if self.best is None else f"{self.best:.4g}"
         print(f"[{self.pair}] {self.done}/{self.total} trials finished ({trial.trial_id} {how}); "
-              f"best {self.metric} {best}", flush=True)
-
+              f"best valid {self.metric.removeprefix('best_valid_')} so far: {best}", flush=True)
 
 
 def _make_run_dir(config: SweepConfig) -> Path:
@@ -238,7 +264,7 @@ def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: s
                 f"unknown metric {metric!r} for dataset {name!r} ({dataset.metric_suite} metrics: "
                 f"{', '.join(SUITE_METRICS[dataset.metric_suite])})"
             )
-    spaces = {model: load_search_space(model) for model in config.models}
+    spaces = {model: load_search_space(model, config.search.spaces.get(model)) for model in config.models}
     run_dir = resume_dir if resume_dir is not None else _make_run_dir(config)
     _save_builtin_datasets(datasets, run_dir)
     own_runtime = not ray.is_initialized()  # tests and notebooks may already hold one
@@ -280,8 +306,14 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
         dataset_ref=[ref], trials_dir=str(run_dir / "trials" / pair), train_storage=str(run_dir / "train" / pair),
         workers=config.resources.workers_per_trial, cpus_per_worker=config.resources.cpus_per_worker,
         gpus_per_worker=config.resources.gpus_per_worker, max_failures=config.resources.max_failures,
+        inline=config.resources.workers_per_trial == 1 and config.resources.inline_single_worker,
     )
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0, TRIAL_SLOT: 1})
+    # An inline trial trains in the Tune function's own process, so that process holds the
+    # worker's CPUs and GPUs; otherwise the Train workers hold them and the function holds none.
+    trial_resources = (
+        {"CPU": context.cpus_per_worker, "GPU": context.gpus_per_worker} if context.inline else {"CPU": 0}
+    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {**trial_resources, TRIAL_SLOT: 1})
     experiment = run_dir / "ray" / pair
     progress = PairProgress(pair, config.budget.trials_per_pair, tune_metric, mode)
     if resuming and tune.Tuner.can_restore(str(experiment)):
@@ -309,7 +341,10 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
             tune_config=tune.TuneConfig(
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=config.resources.max_concurrent_trials),
                 scheduler=scheduler, metric=tune_metric, mode=mode, num_samples=config.budget.trials_per_pair,
-                time_budget_s=config.budget.time_budget_s,
+                time_budget_s=config.budget.time_budget_s, trial_dirname_creator=trial_dirname,
+                # An inline trial's process keeps torch, DeepSpeed and its one-rank process group
+                # for the next trial (Tune starts a fresh one after a failure).
+                reuse_actors=context.inline,
             ),
             run_config=tune.RunConfig(
                 name=pair, storage_path=str(run_dir / "ray"),
@@ -319,14 +354,14 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
         )
     print(f"[{pair}] study {storage_url} ({config.budget.trials_per_pair} trials, metric valid {metric}, {mode})", flush=True)
     started = time.monotonic()
-    grid = tuner.fit()
-    # Tune returns normally on Ctrl-C; fewer ended trials than the budget, without the time
-    # budget having run out, means the user stopped it.
-    ended = grid.num_terminated + grid.num_errors
+    tuner.fit()
+    row = _pair_summary(pair, model, dataset_name, metric, mode, storage_url, Path(context.trials_dir))
+    # Tune returns normally on Ctrl-C, and the trials it stops then never reach the searcher:
+    # fewer finished trials in the study than the budget, with time left, means the user stopped it.
     out_of_time = config.budget.time_budget_s is not None and time.monotonic() - started >= config.budget.time_budget_s
-    if ended < config.budget.trials_per_pair and not out_of_time:
+    if row["complete"] + row["pruned"] + row["failed"] < config.budget.trials_per_pair and not out_of_time:
         raise SweepInterrupted(f"sweep interrupted during {pair}; resume with: msa sweep --resume {run_dir}")
-    return _pair_summary(pair, model, dataset_name, metric, mode, storage_url, Path(context.trials_dir))
+    return row
 
 
 def _pair_summary(pair, model, dataset_name, metric, mode, storage_url, trials_dir: Path) -> dict[str, Any]:

@@ -6,7 +6,6 @@ budgets. ``key=value`` overrides use dotted paths (``budget.trials_per_pair=4``)
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +46,7 @@ class SearchConfig:
         mode: ``min`` or ``max``; must agree with the metric when given.
         grace_period: epochs every trial gets before ASHA may stop it.
         reduction_factor: ASHA's rung ratio.
+        spaces: per model, a search-space YAML to use instead of `search_spaces/<model>.yaml`.
     """
 
     sampler: Literal["tpe", "random"] = "tpe"
@@ -56,17 +56,30 @@ class SearchConfig:
     mode: Literal["min", "max"] | None = None
     grace_period: int = 2
     reduction_factor: int = 2
+    spaces: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class ResourcesConfig:
-    """What each trial gets: `workers_per_trial` data-parallel workers of this size."""
+    """What each trial gets: `workers_per_trial` data-parallel workers of this size.
+
+    Args:
+        workers_per_trial: DeepSpeed data-parallel ranks per trial (Ray Train workers).
+        cpus_per_worker, gpus_per_worker: each rank's share of a node.
+        max_concurrent_trials: trials running at once.
+        max_failures: retries of a failed trial (from its last checkpoint) before it counts as failed.
+        inline_single_worker: run a one-worker trial's DeepSpeed loop inside the Tune trial actor
+            (a one-rank process group) instead of a Ray Train controller plus one worker actor:
+            the same training, two fewer processes to start per trial. ``false`` always uses
+            Ray Train's TorchTrainer.
+    """
 
     workers_per_trial: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_concurrent_trials: int = 1
     max_failures: int = 1
+    inline_single_worker: bool = True
 
 
 @dataclass
@@ -151,6 +164,16 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
             raise MsaError(
                 f"{where}: search.mode {search.mode!r} contradicts {search.metric} (better is {METRIC_MODES[search.metric]})"
             )
+    unknown = sorted(set(search.spaces) - set(config.models))
+    if unknown:
+        raise MsaError(f"{where}: search.spaces names {unknown[0]!r}, which is not in 'models'")
+    from msa.platform.search_space import load_search_space
+
+    for model, path in search.spaces.items():
+        try:
+            load_search_space(model, path)
+        except MsaError as exc:
+            raise MsaError(f"{where}: search.spaces.{model}: {exc}") from None
     owned = {"model", "data", "out", "seed", "epochs", "zero_stage", "precision"} & set(config.train)
     if owned:
         raise MsaError(f"{where}: train.{sorted(owned)[0]} is set by the sweep itself; remove it")
@@ -161,9 +184,3 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
         build_dataclass(get_entry(model).config_class, trial.model_config, where=f"{where}: train.model_config for {model}")
     return config
 
-
-def config_fingerprint(config: SweepConfig) -> dict[str, Any]:
-    """The config as plain data, for the run directory and for checking a resume against it."""
-    from msa.platform.config import to_plain
-
-    return to_plain(dataclasses.replace(config))

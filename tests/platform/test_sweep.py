@@ -78,7 +78,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_losing_trials(tmp_path):
     (study,) = studies(run_dir).values()
     ray_ids = [t.user_attrs["ray_trial_id"] for t in study.trials]
     assert len(study.trials) == 4 and len(set(ray_ids)) == 4
-    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert all(t.state == TrialState.COMPLETE for t in study.trials), [(t.number, t.state, t.user_attrs) for t in study.trials]
     for trial_id, mtime in before.items():  # finished before the interrupt: not run again
         assert (trials_dir / trial_id / "metrics.json").stat().st_mtime == mtime
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -139,3 +139,29 @@ def test_two_models_two_datasets_two_workers_zero1_with_asha_pruning(ray_runtime
     # Two data-parallel ranks per trial: ZeRO-1 writes one optimizer shard per rank.
     assert list((run_dir / "train").rglob("zero_pp_rank_1_*optim_states.pt"))
     assert (run_dir / "summary.csv").is_file()
+
+
+def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_on(ray_runtime, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: categorical, choices: [1.0e-3, 1.0e+30]}  # 1e30: the loss is NaN in epoch 1\n")
+    config = load_sweep_config(write_config(
+        tmp_path, name="failing", datasets=["synth_regression"], models=["baseline"],
+        budget={"trials_per_pair": 4, "max_epochs": 2},
+        search={"sampler": "random", "seed": 0, "scheduler": "none", "spaces": {"baseline": str(space)}},
+        resources={"workers_per_trial": 1, "max_concurrent_trials": 2, "max_failures": 1},
+    ))
+    (row,) = run_sweep(config)
+    (run_dir,) = (tmp_path / "sweeps").glob("failing-*")
+
+    (study,) = studies(run_dir).values()
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(study.trials) == 4 and len(failed) + len(complete) == 4
+    assert failed and complete, "seed 0 must draw both learning rates"
+    assert {t.params["lr"] for t in failed} == {1e30} and {t.params["lr"] for t in complete} == {1e-3}
+    assert (row["failed"], row["complete"]) == (len(failed), len(complete))
+    assert row["best_checkpoint"] is not None
+    for trial in failed:  # tried once, retried once (max_failures=1), then given up
+        error_log = (run_dir / "ray" / "baseline-synth_regression" / trial.user_attrs["ray_trial_id"] / "error.txt").read_text()
+        assert "training loss became nan in epoch 1" in error_log
+        assert error_log.count("Failure #") == 2, error_log[:2000]

@@ -101,6 +101,18 @@ def test_existing_output_folder_is_refused(synth_regression_pkl, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_a_stale_trial_folder_is_replaced_when_the_caller_owns_it(synth_regression_pkl, tmp_path):
+    out = tmp_path / "trial"
+    out.mkdir()
+    (out / "model.pt").write_text("left by an attempt that never saved its state")
+    result = train_loop({"data": str(synth_regression_pkl), "out": str(out), "epochs": 2}, replace_stale_out=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["weights_sha256"] == result.weights_sha256
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.yaml", "history.csv", "metrics.json", "model.pt", "predictions_test.csv", "predictions_valid.csv"]
+    )
+
+
 def test_nonfinite_loss_fails_cleanly(synth_regression_pkl, tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match="epoch"):
