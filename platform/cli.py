@@ -4,6 +4,7 @@
 * ``msa data synth``: write the deterministic synthetic dataset (MMSA pickle, or .npz).
 * ``msa data inspect PATH``: splits, modalities, shapes and label statistics of a dataset.
 * ``msa models``: the model registry.
+* ``msa mlflow RUN_DIR``: the MLflow UI over a sweep's tracking store, until Ctrl-C.
 
 Bad input ends with one line ``msa: error: ...`` on stderr and exit status 2.
 """
@@ -127,6 +128,24 @@ def _sweep(args: argparse.Namespace) -> None:
     print("\n" + format_summary(rows))
 
 
+def _mlflow(args: argparse.Namespace) -> None:
+    import time
+
+    from msa.platform.mlflow_server import MlflowServer, store_paths
+
+    run_dir = Path(args.run_dir).resolve()
+    if not (run_dir / "sweep.yaml").is_file():
+        raise MsaError(f"{run_dir} is not a sweep run directory (no sweep.yaml)")
+    database, _ = store_paths(run_dir)
+    if not database.is_file():
+        raise MsaError(f"{run_dir} has no MLflow store ({database} does not exist)")
+    with MlflowServer(run_dir, host=args.host, port=args.port) as server:
+        print(f"MLflow UI for {run_dir}: http://{args.host}:{server.port}  (Ctrl-C stops it)", flush=True)
+        while server.process.poll() is None:
+            time.sleep(1)
+    raise MsaError(f"mlflow server stopped by itself (status {server.process.returncode}); see {server.log_path}")
+
+
 def _models(args: argparse.Namespace) -> None:
     from msa.models.registry import MODELS
 
@@ -169,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. budget.trials_per_pair=4")
     sweep.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted sweep")
     sweep.set_defaults(run=_sweep)
+
+    mlflow = commands.add_parser("mlflow", help="serve the MLflow UI over a sweep run directory's tracking store")
+    mlflow.add_argument("run_dir", metavar="RUN_DIR")
+    mlflow.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    mlflow.add_argument("--port", type=int, default=5000)
+    mlflow.set_defaults(run=_mlflow)
 
     models = commands.add_parser("models", help="list the registered models")
     models.set_defaults(run=_models)

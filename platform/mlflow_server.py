@@ -1,0 +1,115 @@
+"""The MLflow tracking server a sweep logs to, and the check of a tracking URI the user gives.
+
+`MlflowServer` runs `mlflow server` for one run directory: a SQLite backend and an artifact
+folder under ``<run_dir>/mlflow/``, bound to 127.0.0.1 on a free port unless the caller names
+another host, with the settings STACK.md measured to start in ~7 s and ~530 MB (one worker, no
+job execution). It is a context manager: the server is stopped (its whole process group) on exit,
+whatever happened inside. `check_tracking_uri` is called before any trial starts, so an
+unreachable server is one clear error instead of every trial failing.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from msa.platform.errors import MsaError
+
+LOOPBACK = "127.0.0.1"
+STARTUP_TIMEOUT_S = 90.0
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def store_paths(run_dir: Path) -> tuple[Path, Path]:
+    """Where a run directory keeps its MLflow backend database and artifacts."""
+    folder = Path(run_dir).resolve() / "mlflow"
+    return folder / "mlflow.db", folder / "artifacts"
+
+
+class MlflowServer:
+    """`mlflow server` over one run directory's store; ``with MlflowServer(run_dir) as server:``."""
+
+    def __init__(self, run_dir: Path, *, host: str = LOOPBACK, port: int | None = None):
+        self.run_dir, self.host = Path(run_dir).resolve(), host
+        self.port = port if port is not None else free_port(LOOPBACK if host == LOOPBACK else "")
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.run_dir / "mlflow" / "server.log"
+
+    @property
+    def uri(self) -> str:
+        # Clients on this machine always reach it over loopback, whatever it is bound to.
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> "MlflowServer":
+        database, artifacts = store_paths(self.run_dir)
+        artifacts.mkdir(parents=True, exist_ok=True)
+        mlflow_cli = Path(sys.executable).parent / "mlflow"
+        command = [
+            str(mlflow_cli), "server", "--host", self.host, "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{database}", "--artifacts-destination", artifacts.as_uri(),
+        ]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with self.log_path.open("ab") as log:
+            # Its own process group, so stop() reaches the server's worker processes too.
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                raise MsaError(f"mlflow server exited at start (status {self.process.returncode}): "
+                               f"{tail[0] if tail else 'no output'}; see {self.log_path}")
+            if _healthy(self.uri, timeout=1.0):
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise MsaError(f"mlflow server did not answer on {self.uri} within {STARTUP_TIMEOUT_S:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> "MlflowServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _healthy(uri: str, timeout: float) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Refuse a tracking server that does not answer, before anything is logged to it.
+
+    Raises:
+        MsaError: the URI is not http(s), or nothing healthy answers there.
+    """
+    if not uri.startswith(("http://", "https://")):
+        raise MsaError(f"tracking URI {uri!r} must be an http(s) address of an MLflow server "
+                       "(leave it empty and the sweep starts its own)")
+    if not _healthy(uri, timeout):
+        raise MsaError(f"MLflow tracking server {uri} is unreachable (no answer from {uri.rstrip('/')}/health "
+                       f"within {timeout:g} s); start it or fix the URI")
