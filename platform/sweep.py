@@ -106,15 +106,16 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
 def run_trial(config: dict[str, Any], context: PairContext) -> None:
     """The Tune function trainable: inline for one worker, else one data-parallel TorchTrainer."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     trial_id = tune.get_context().get_trial_id()
     train_config = {**config, "out": str(Path(context.trials_dir) / trial_id)}
     if context.inline:
         _train_and_report(train_config, context.dataset_ref, tune)
         return
+    # Imported here: an inline trial never needs Ray Train's controller machinery.
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     use_gpu = context.gpus_per_worker > 0
     worker_resources = {"CPU": context.cpus_per_worker, **({"GPU": context.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
