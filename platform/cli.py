@@ -5,12 +5,17 @@
 * ``msa data inspect PATH``: splits, modalities, shapes and label statistics of a dataset.
 * ``msa models``: the model registry.
 * ``msa mlflow RUN_DIR``: the MLflow UI over a sweep's tracking store, until Ctrl-C.
+* ``msa registry``: the msa-* models in the MLflow model registry, with valid/test metrics.
+* ``msa predict``: predictions of a registered model (``models:/NAME@champion``) for a dataset.
 
 Bad input ends with one line ``msa: error: ...`` on stderr and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import os
 import sys
 from pathlib import Path
 
@@ -146,6 +151,75 @@ def _mlflow(args: argparse.Namespace) -> None:
     raise MsaError(f"mlflow server stopped by itself (status {server.process.returncode}); see {server.log_path}")
 
 
+@contextlib.contextmanager
+def _tracking_uri(args: argparse.Namespace):
+    """The tracking server to talk to: --run-dir (its store, served while the command runs),
+    --tracking-uri, or $MLFLOW_TRACKING_URI."""
+    from msa.platform.mlflow_server import MlflowServer, check_tracking_uri, store_paths
+
+    if args.run_dir:
+        run_dir = Path(args.run_dir).resolve()
+        if not store_paths(run_dir)[0].is_file():
+            raise MsaError(f"{run_dir} has no MLflow store ({store_paths(run_dir)[0]} does not exist)")
+        with MlflowServer(run_dir) as server:
+            yield server.uri
+        return
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        raise MsaError("no tracking server: pass --tracking-uri URI or --run-dir RUN_DIR, or set MLFLOW_TRACKING_URI")
+    check_tracking_uri(uri)
+    yield uri
+
+
+def _registry(args: argparse.Namespace) -> None:
+    from msa.platform.model_registry import list_registered
+
+    with _tracking_uri(args) as uri:
+        rows = list_registered(uri)
+    if not rows:
+        print(f"no msa-* models registered at {uri}")
+        return
+    print(f"{'name':<36}{'version':>8}  {'aliases':<10}{'valid':<18}{'test':<40}run")
+    for row in rows:
+        valid = "  ".join(f"{k} {v:.4g}" for k, v in row["valid"].items() if k == row["selection_metric"])
+        test = "  ".join(f"{k} {v:.4g}" for k, v in list(row["test"].items())[:3])
+        print(f"{row['name']:<36}{row['version']:>8}  {row['aliases']:<10}{valid:<18}{test:<40}{row['run_id']} ({row['sweep']})")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from msa.platform.metrics import compute_metrics
+    from msa.platform.model_registry import load_registered, predict_splits
+    from msa.platform.readers import atomic_write, load_dataset
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise MsaError(f"--out {out}: folder {out.parent} does not exist")
+    dataset = load_dataset(args.data, replace_nonfinite=args.replace_nonfinite)
+    splits = list(dataset.splits) if args.split == "all" else [args.split]
+    with _tracking_uri(args) as uri:
+        model = load_registered(args.model, uri)
+        predictions = predict_splits(model, dataset, splits, what=f"data {args.data}")
+
+    def write(path: Path) -> None:
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            classes = [f"prob_{c}" for c in dataset.class_names] if dataset.task == "classification" else []
+            writer.writerow(["split", "id", "label", "prediction", *classes])
+            for name in splits:
+                split, prediction = dataset.splits[name], predictions[name]
+                for i, clip in enumerate(split.ids):
+                    if prediction.ndim == 1:
+                        writer.writerow([name, clip, split.labels[i].item(), prediction[i].item()])
+                    else:
+                        writer.writerow([name, clip, split.labels[i].item(), int(prediction[i].argmax()), *prediction[i].tolist()])
+
+    atomic_write(out, write)
+    print(f"wrote {out}: {sum(len(dataset.splits[n]) for n in splits)} predictions of {args.model}")
+    for name in splits:
+        metrics = compute_metrics(dataset.metric_suite, predictions[name], dataset.splits[name].labels)
+        print(f"[{name}] " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
 def _models(args: argparse.Namespace) -> None:
     from msa.models.registry import MODELS
 
@@ -195,12 +269,33 @@ def build_parser() -> argparse.ArgumentParser:
     mlflow.add_argument("--port", type=int, default=5000)
     mlflow.set_defaults(run=_mlflow)
 
+    def tracking_options(command: argparse.ArgumentParser) -> None:
+        where = command.add_mutually_exclusive_group()
+        where.add_argument("--tracking-uri", help="MLflow server (default: $MLFLOW_TRACKING_URI)")
+        where.add_argument("--run-dir", help="a sweep run directory: serve its own MLflow store while this runs")
+
+    registry = commands.add_parser("registry", help="list the msa-* models in the MLflow model registry")
+    tracking_options(registry)
+    registry.set_defaults(run=_registry)
+
+    predict = commands.add_parser("predict", help="predict a dataset with a registered model")
+    predict.add_argument("--model", required=True, help="e.g. models:/msa-baseline-mosi_lite@champion")
+    predict.add_argument("--data", required=True, help="dataset: .npz, MMSA .pkl, or MIntRec folder")
+    predict.add_argument("--out", required=True, help="CSV to write: split,id,label,prediction[,prob_<class>...]")
+    predict.add_argument("--split", choices=["train", "valid", "test", "all"], default="test")
+    predict.add_argument("--replace-nonfinite", action="store_true", help="read NaN/inf features as 0")
+    tracking_options(predict)
+    predict.set_defaults(run=_predict)
+
     models = commands.add_parser("models", help="list the registered models")
     models.set_defaults(run=_models)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow prints a progress bar per artifact download and two links per finished run.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         args = build_parser().parse_args(argv)
         args.run(args)

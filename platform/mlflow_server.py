@@ -25,6 +25,13 @@ LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT_S = 90.0
 
 
+def client(uri: str):
+    """An `MlflowClient` for tracking and registry at `uri`."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
@@ -52,6 +59,11 @@ class MlflowServer:
         return f"http://{LOOPBACK}:{self.port}"
 
     def start(self) -> "MlflowServer":
+        """Launch the server and wait until it answers."""
+        return self.launch().wait_ready()
+
+    def launch(self) -> "MlflowServer":
+        """Launch the server without waiting (it boots in ~7 s while the caller does other work)."""
         database, artifacts = store_paths(self.run_dir)
         artifacts.mkdir(parents=True, exist_ok=True)
         mlflow_cli = Path(sys.executable).parent / "mlflow"
@@ -64,6 +76,10 @@ class MlflowServer:
             # Its own process group, so stop() reaches the server's worker processes too.
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
+        return self
+
+    def wait_ready(self) -> "MlflowServer":
+        """Block until the launched server answers /health; raise (and stop it) if it never does."""
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -42,9 +42,11 @@ from msa.platform.config import to_plain
 from msa.platform.errors import MsaError
 from msa.platform.features import FeatureSet
 from msa.platform.metrics import METRIC_MODES, SUITE_METRICS
+from msa.platform.mlflow_server import check_tracking_uri
 from msa.platform.readers import load_dataset, write_mmsa_pickle
 from msa.platform.search_space import load_search_space
 from msa.platform.sweep_config import BUILTIN_DATASETS, SweepConfig, load_sweep_config, validate_sweep_config
+from msa.platform.tracking import SweepTracking, TrialRunCloser, TrialTracking, open_trial_run
 from msa.platform.train import resolve_config, train_loop
 
 TRIAL_SLOT = "trial_slot"  # custom resource: one per concurrently running trial (see STACK.md)
@@ -68,21 +70,30 @@ class PairContext:
     gpus_per_worker: float
     max_failures: int
     inline: bool  # run train_loop in the Tune function itself (one worker, see module docstring)
+    tracking: TrialTracking  # where the trial's MLflow run lives
 
 
-def _train_and_report(train_config: dict[str, Any], dataset_ref: list, report_api) -> None:
-    """Train, reporting every epoch with a resumable checkpoint; continue from the last one.
+def _train_and_report(train_config: dict[str, Any], dataset_ref: list, report_api, tracking_uri: str, run_id: str) -> None:
+    """Train, logging every epoch to the trial's MLflow run (rank 0) and reporting it with a
+    resumable checkpoint; continue from the last one.
 
     `report_api` is `ray.train` on a Train worker and `ray.tune` in an inline trial: both have
     `report`, `get_checkpoint` and `Checkpoint`."""
     import ray
+    import torch.distributed
+
+    from msa.platform.tracking import EpochLogger
 
     for storage_logger in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
         # Both log one INFO line per saved checkpoint, i.e. per epoch of every trial.
         logging.getLogger(storage_logger).setLevel(logging.WARNING)
     dataset = ray.get(dataset_ref[0])
+    log_epoch = EpochLogger(tracking_uri, run_id)
 
     def report(record: dict[str, float], save_state) -> None:
+        # Logged before reporting: the scheduler may stop the trial once it sees this epoch.
+        if torch.distributed.get_rank() == 0:
+            log_epoch(record)
         with tempfile.TemporaryDirectory() as folder:
             save_state(Path(folder))
             report_api.report(record, checkpoint=report_api.Checkpoint.from_directory(folder))
@@ -101,15 +112,17 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
 
-    _train_and_report(loop_config["train"], loop_config["dataset_ref"], ray.train)
+    _train_and_report(loop_config["train"], loop_config["dataset_ref"], ray.train, loop_config["tracking_uri"],
+                      loop_config["run_id"])
 
 
 def run_trial(config: dict[str, Any], context: PairContext) -> None:
     """The Tune function trainable: inline for one worker, else one data-parallel TorchTrainer."""
     trial_id = tune.get_context().get_trial_id()
     train_config = {**config, "out": str(Path(context.trials_dir) / trial_id)}
+    run_id = open_trial_run(context.tracking, trial_id, train_config)
     if context.inline:
-        _train_and_report(train_config, context.dataset_ref, tune)
+        _train_and_report(train_config, context.dataset_ref, tune, context.tracking.uri, run_id)
         return
     # Imported here: an inline trial never needs Ray Train's controller machinery.
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -120,7 +133,8 @@ def run_trial(config: dict[str, Any], context: PairContext) -> None:
     worker_resources = {"CPU": context.cpus_per_worker, **({"GPU": context.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"train": train_config, "dataset_ref": context.dataset_ref},
+        train_loop_config={"train": train_config, "dataset_ref": context.dataset_ref,
+                           "tracking_uri": context.tracking.uri, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=context.workers, use_gpu=use_gpu, resources_per_worker=worker_resources),
         run_config=RunConfig(
             name=trial_id,  # stable per trial, so a retried or restored trial finds its checkpoint
@@ -266,33 +280,40 @@ def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: s
                 f"{', '.join(SUITE_METRICS[dataset.metric_suite])})"
             )
     spaces = {model: load_search_space(model, config.search.spaces.get(model)) for model in config.models}
+    if config.tracking.uri:  # before anything is written: an unreachable server is an input error
+        check_tracking_uri(config.tracking.uri)
     run_dir = resume_dir if resume_dir is not None else _make_run_dir(config)
     _save_builtin_datasets(datasets, run_dir)
+    tracking = SweepTracking(config.tracking.uri, run_dir, to_plain(config))
     own_runtime = not ray.is_initialized()  # tests and notebooks may already hold one
-    if own_runtime:
-        ray.init(
-            address=address,
-            resources=None if address else {TRIAL_SLOT: config.resources.max_concurrent_trials},
-            # The dashboard's State API must run: without it Train V2 leaks the placement group of
-            # every trial that ASHA stops, and later trials wait forever (STACK.md). Loopback only.
-            dashboard_host="127.0.0.1",
-        )
     try:
+        if own_runtime:
+            ray.init(
+                address=address,
+                resources=None if address else {TRIAL_SLOT: config.resources.max_concurrent_trials},
+                # The dashboard's State API must run: without it Train V2 leaks the placement group of
+                # every trial that ASHA stops, and later trials wait forever (STACK.md). Loopback only.
+                dashboard_host="127.0.0.1",
+            )
         _check_resources(config)
         refs = {name: ray.put(dataset) for name, dataset in datasets.items()}
-        rows = [
-            _run_pair(config, run_dir, model, name, datasets[name], refs[name], spaces[model], resume_dir is not None)
-            for model in config.models
-            for name in config.datasets
-        ]
+        with tracking:
+            rows = [
+                _run_pair(config, run_dir, model, name, datasets[name], refs[name], spaces[model], resume_dir is not None,
+                          tracking)
+                for model in config.models
+                for name in config.datasets
+            ]
     finally:
+        tracking.stop_server()
         if own_runtime:
             ray.shutdown()
     _write_summary(run_dir, rows)
     return rows
 
 
-def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, space, resuming: bool) -> dict[str, Any]:
+def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, space, resuming: bool,
+              tracking: SweepTracking) -> dict[str, Any]:
     import optuna
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -308,6 +329,7 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
         workers=config.resources.workers_per_trial, cpus_per_worker=config.resources.cpus_per_worker,
         gpus_per_worker=config.resources.gpus_per_worker, max_failures=config.resources.max_failures,
         inline=config.resources.workers_per_trial == 1 and config.resources.inline_single_worker,
+        tracking=tracking.open_study(pair, model, dataset),
     )
     # An inline trial trains in the Tune function's own process, so that process holds the
     # worker's CPUs and GPUs; otherwise the Train workers hold them and the function holds none.
@@ -316,9 +338,15 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {**trial_resources, TRIAL_SLOT: 1})
     experiment = run_dir / "ray" / pair
-    progress = PairProgress(pair, config.budget.trials_per_pair, tune_metric, mode)
+    callbacks = [PairProgress(pair, config.budget.trials_per_pair, tune_metric, mode),
+                 TrialRunCloser(context.tracking, Path(context.trials_dir))]
     if resuming and tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # The saved run config holds the callbacks pickled at the first start, whose tracking
+        # server address is stale now: give the restored run this start's closer (Tuner has no
+        # public way to replace callbacks on restore; STACK.md).
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.callbacks = [c for c in run_config.callbacks if not isinstance(c, TrialRunCloser)] + [callbacks[1]]
     else:
         sampler_class = optuna.samplers.TPESampler if config.search.sampler == "tpe" else optuna.samplers.RandomSampler
         searcher = PruningAwareOptunaSearch(
@@ -350,26 +378,25 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
             run_config=tune.RunConfig(
                 name=pair, storage_path=str(run_dir / "ray"),
                 failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
-                callbacks=[progress], verbose=1,
+                callbacks=callbacks, verbose=1,
             ),
         )
     print(f"[{pair}] study {storage_url} ({config.budget.trials_per_pair} trials, metric valid {metric}, {mode})", flush=True)
     started = time.monotonic()
     tuner.fit()
-    row = _pair_summary(pair, model, dataset_name, metric, mode, storage_url, Path(context.trials_dir))
+    study = optuna.load_study(study_name=pair, storage=storage_url)
+    row = _pair_summary(pair, model, dataset_name, metric, mode, study, Path(context.trials_dir))
     # Tune returns normally on Ctrl-C, and the trials it stops then never reach the searcher:
     # fewer finished trials in the study than the budget, with time left, means the user stopped it.
     out_of_time = config.budget.time_budget_s is not None and time.monotonic() - started >= config.budget.time_budget_s
     if row["complete"] + row["pruned"] + row["failed"] < config.budget.trials_per_pair and not out_of_time:
         raise SweepInterrupted(f"sweep interrupted during {pair}; resume with: msa sweep --resume {run_dir}")
+    tracking.close_study(context.tracking, study, row)
     return row
 
 
-def _pair_summary(pair, model, dataset_name, metric, mode, storage_url, trials_dir: Path) -> dict[str, Any]:
+def _pair_summary(pair, model, dataset_name, metric, mode, study, trials_dir: Path) -> dict[str, Any]:
     """Counts and the best trial, read back from the Optuna study (the record of what happened)."""
-    import optuna
-
-    study = optuna.load_study(study_name=pair, storage=storage_url)
     trials = study.get_trials(deepcopy=False)
     counts = {state: sum(t.state == state for t in trials) for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     # A PRUNED trial's value is its last (best-so-far) intermediate value, so it competes too.

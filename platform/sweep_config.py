@@ -89,6 +89,18 @@ class DeepSpeedSettings:
 
 
 @dataclass
+class TrackingConfig:
+    """Where the sweep logs.
+
+    Args:
+        uri: an MLflow tracking server (``http://host:port``), checked before any trial starts;
+            empty: the sweep runs its own server on 127.0.0.1 over ``<run dir>/mlflow/``.
+    """
+
+    uri: str = ""
+
+
+@dataclass
 class SweepConfig:
     """A whole sweep: every model on every dataset, one Optuna study per pair.
 
@@ -98,6 +110,7 @@ class SweepConfig:
         models: registered model names.
         storage: folder under which each sweep gets its run directory.
         train: fixed TrainConfig overrides for every trial (e.g. ``patience``).
+        tracking: the MLflow server to log to (default: one the sweep starts itself).
     """
 
     name: str = "sweep"
@@ -107,6 +120,7 @@ class SweepConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: str = "runs/sweeps"
     train: dict[str, Any] = field(default_factory=dict)
 
@@ -174,6 +188,9 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
             load_search_space(model, path)
         except MsaError as exc:
             raise MsaError(f"{where}: search.spaces.{model}: {exc}") from None
+    if config.tracking.uri and not config.tracking.uri.startswith(("http://", "https://")):
+        raise MsaError(f"{where}: tracking.uri {config.tracking.uri!r} must be an http(s) address of an MLflow "
+                       "server (leave it empty and the sweep starts its own)")
     owned = {"model", "data", "out", "seed", "epochs", "zero_stage", "precision"} & set(config.train)
     if owned:
         raise MsaError(f"{where}: train.{sorted(owned)[0]} is set by the sweep itself; remove it")

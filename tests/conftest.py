@@ -55,3 +55,18 @@ def ray_runtime():
     ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, dashboard_host="127.0.0.1")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tracking_store():
+    """Serve a sweep run directory's MLflow store while a test reads it: ``with tracking_store(run_dir) as client``."""
+    import contextlib
+
+    from msa.platform.mlflow_server import MlflowServer, client
+
+    @contextlib.contextmanager
+    def serve(run_dir: Path):
+        with MlflowServer(run_dir) as server:
+            yield client(server.uri)
+
+    return serve

@@ -43,7 +43,12 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
 
 
-def test_interrupted_sweep_resumes_without_rerunning_or_losing_trials(tmp_path):
+def trial_runs(mlflow_client, run_dir: Path) -> list:
+    experiment = mlflow_client.get_experiment_by_name(run_dir.name)
+    return mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`msa.role` = 'trial'")
+
+
+def test_interrupted_sweep_resumes_without_rerunning_or_losing_trials(tmp_path, tracking_store):
     config = write_config(
         tmp_path, datasets=["synth_regression"], models=["baseline"],
         budget={"trials_per_pair": 4, "max_epochs": 3}, search={"scheduler": "none", "seed": 1},
@@ -83,6 +88,13 @@ def test_interrupted_sweep_resumes_without_rerunning_or_losing_trials(tmp_path):
         assert (trials_dir / trial_id / "metrics.json").stat().st_mtime == mtime
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary[0]["trials"] == 4 and summary[0]["complete"] == 4
+    with tracking_store(run_dir) as mlflow_client:  # the resumed trial continued its own MLflow run
+        runs = trial_runs(mlflow_client, run_dir)
+        assert sorted(r.data.tags["ray_trial_id"] for r in runs) == sorted(ray_ids)
+        assert all(r.info.status == "FINISHED" for r in runs)
+        for run in runs:
+            steps = sorted(m.step for m in mlflow_client.get_metric_history(run.info.run_id, "valid_mae"))
+            assert steps == [1, 2, 3], (run.data.tags["ray_trial_id"], steps)
 
 
 def test_resume_refuses_a_different_config(tmp_path):
@@ -141,7 +153,7 @@ def test_two_models_two_datasets_two_workers_zero1_with_asha_pruning(ray_runtime
     assert (run_dir / "summary.csv").is_file()
 
 
-def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_on(ray_runtime, tmp_path):
+def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_on(ray_runtime, tmp_path, tracking_store):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: categorical, choices: [1.0e-3, 1.0e+30]}  # 1e30: the loss is NaN in epoch 1\n")
     config = load_sweep_config(write_config(
@@ -165,3 +177,11 @@ def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_o
         error_log = (run_dir / "ray" / "baseline-synth_regression" / trial.user_attrs["ray_trial_id"] / "error.txt").read_text()
         assert "training loss became nan in epoch 1" in error_log
         assert error_log.count("Failure #") == 2, error_log[:2000]
+    with tracking_store(run_dir) as mlflow_client:  # two attempts of a failed trial: one run, FAILED
+        runs = {r.data.tags["ray_trial_id"]: r for r in trial_runs(mlflow_client, run_dir)}
+        assert len(runs) == 4
+        for trial in failed:
+            run = runs[trial.user_attrs["ray_trial_id"]]
+            assert run.info.status == "FAILED" and run.data.tags["msa.trial_state"] == "failed"
+            assert run.data.params["lr"] == "1e+30"
+        assert {runs[t.user_attrs["ray_trial_id"]].info.status for t in complete} == {"FINISHED"}

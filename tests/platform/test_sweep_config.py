@@ -154,6 +154,8 @@ BAD_CONFIGS = [
     ("train-zero-stage-is-deepspeed", BASE + "train: {zero_stage: 2}\n", [], r"train\.zero_stage is set by the sweep", True),
     ("train-unknown-key", BASE + "train: {bogus: 1}\n", [], r"train: unknown key 'bogus' \(known keys:", True),
     ("train-wrong-type", BASE + "train: {lr: fast}\n", [], r"train: key 'lr': expected a number, got 'fast'", True),
+    ("tracking-uri-not-http", BASE + "tracking: {uri: file:///tmp/mlruns}\n", [],
+     r"tracking\.uri 'file:///tmp/mlruns' must be an http\(s\) address", True),
     ("malformed-yaml", BASE + "budget: {max_epochs: [3\n", [], r"malformed YAML", True),
     ("not-a-mapping", "- synth_regression\n- baseline\n", [], r"expected a mapping of keys to values, got list", True),
     ("override-not-key-value", BASE, ["budget.trials_per_pair"],
