@@ -8,7 +8,8 @@ one-rank process group instead (`resources.inline_single_worker`), which saves s
 controller and a worker process per trial. Datasets are loaded once by the driver and shared
 through the object store. Every epoch the trial saves its resumable state and reports it as its
 checkpoint, so a retried trial (`FailureConfig`) and a resumed sweep (`Tuner.restore`) continue
-where they were.
+where they were. Everything is tracked in MLflow (`tracking.py`), and each study's best trial is
+registered (`model_registry.py`).
 
 Run directory layout (``<storage>/<name>-<UTC time>/``):
 
@@ -17,6 +18,7 @@ Run directory layout (``<storage>/<name>-<UTC time>/``):
     optuna/<pair>.db      one Optuna study per pair (open with optuna-dashboard)
     ray/<pair>/           Tune's experiment state (what `--resume` restores)
     trials/<pair>/<trial_id>/   each trial's best-epoch checkpoint folder (see train.py)
+    mlflow/               the sweep's own MLflow store (SQLite + artifacts) when no tracking.uri is set
     summary.csv, summary.json   per pair: trials complete/pruned/failed, best valid metric and config
 """
 from __future__ import annotations
@@ -343,8 +345,8 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
     if resuming and tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
         # The saved run config holds the callbacks pickled at the first start, whose tracking
-        # server address is stale now: give the restored run this start's closer (Tuner has no
-        # public way to replace callbacks on restore; STACK.md).
+        # server address is stale now: give the restored run this start's closer (Ray 2.60's
+        # Tuner.restore takes no callbacks, so the restored run config is edited in place).
         run_config = tuner._local_tuner.get_run_config()
         run_config.callbacks = [c for c in run_config.callbacks if not isinstance(c, TrialRunCloser)] + [callbacks[1]]
     else:
