@@ -90,12 +90,14 @@ def _train_and_report(train_config: dict[str, Any], dataset_ref: list, report_ap
         # Both log one INFO line per saved checkpoint, i.e. per epoch of every trial.
         logging.getLogger(storage_logger).setLevel(logging.WARNING)
     dataset = ray.get(dataset_ref[0])
-    log_epoch = EpochLogger(tracking_uri, run_id)
+    loggers: list[EpochLogger] = []  # rank 0's, made at its first epoch (the process group exists by then)
 
     def report(record: dict[str, float], save_state) -> None:
         # Logged before reporting: the scheduler may stop the trial once it sees this epoch.
         if torch.distributed.get_rank() == 0:
-            log_epoch(record)
+            if not loggers:
+                loggers.append(EpochLogger(tracking_uri, run_id))
+            loggers[0](record)
         with tempfile.TemporaryDirectory() as folder:
             save_state(Path(folder))
             report_api.report(record, checkpoint=report_api.Checkpoint.from_directory(folder))

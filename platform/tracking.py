@@ -172,14 +172,21 @@ def _log_dataset_inputs(mlflow_client, run_id: str, tracking: TrialTracking) -> 
 
 
 class EpochLogger:
-    """Logs one epoch record (train loss terms, valid metrics, best so far, seconds) at step=epoch."""
+    """Logs one epoch record (train loss terms, valid metrics, best so far, seconds) at step=epoch.
+
+    An attempt that resumes from an earlier epoch's checkpoint (a retry, a resumed sweep) re-runs
+    the epochs its predecessor logged but never checkpointed; those are not logged twice (the
+    first attempt's values stay: one point per epoch; on CPU the re-run gives the same values)."""
 
     SKIP = ("epoch", "improved", "final")
 
     def __init__(self, uri: str, run_id: str):
         self.client, self.run_id = client(uri), run_id
+        self.logged_through = max((m.step for m in self.client.get_metric_history(run_id, "train_loss")), default=0)
 
     def __call__(self, record: dict[str, float]) -> None:
+        if record["epoch"] <= self.logged_through:
+            return
         values = {k: v for k, v in record.items() if k not in self.SKIP}
         log_metrics(self.client, self.run_id, values, step=int(record["epoch"]))
 

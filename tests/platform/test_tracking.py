@@ -22,7 +22,7 @@ from msa.platform.mlflow_server import MlflowServer, client
 from msa.platform.readers import load_dataset, write_npz
 from msa.platform.sweep import run_sweep
 from msa.platform.sweep_config import load_sweep_config
-from msa.platform.tracking import TRIAL_TAG, TrialTracking, open_trial_run
+from msa.platform.tracking import TRIAL_TAG, EpochLogger, TrialTracking, open_trial_run
 
 PAIR = "baseline-synth_regression"
 MODEL_NAME = "msa-baseline-synth_regression"
@@ -232,3 +232,16 @@ def test_registry_without_a_tracking_server_says_how_to_name_one(monkeypatch, ca
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["registry"]) == 2
     assert "no tracking server: pass --tracking-uri URI or --run-dir RUN_DIR" in capsys.readouterr().err
+
+
+def test_a_resumed_attempt_does_not_log_an_epoch_twice(sweep):
+    mlflow_client = sweep["client"]
+    run_id = mlflow_client.create_run(mlflow_client.create_experiment("resume-epochs")).info.run_id
+    first = EpochLogger(sweep["uri"], run_id)
+    for epoch in (1, 2):  # logged, then the attempt dies before checkpointing epoch 2
+        first({"epoch": epoch, "train_loss": 1.0 / epoch, "final": 0.0})
+    again = EpochLogger(sweep["uri"], run_id)  # resumes from the epoch-1 checkpoint
+    for epoch in (2, 3):
+        again({"epoch": epoch, "train_loss": 10.0 + epoch, "final": 0.0})
+    history = sorted((m.step, m.value) for m in mlflow_client.get_metric_history(run_id, "train_loss"))
+    assert history == [(1, 1.0), (2, 0.5), (3, 13.0)]
