@@ -50,7 +50,7 @@ def bare_run(params: dict, dataset, epochs: int, seed: int) -> float:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-        predict(model, splits["valid"], dataset.task, params["batch_size"])
+        predict(model, splits["valid"].features, splits["valid"].lengths, dataset.task, params["batch_size"])
     return time.perf_counter() - started
 
 

@@ -136,14 +136,12 @@ def _sweep(args: argparse.Namespace) -> None:
 def _mlflow(args: argparse.Namespace) -> None:
     import time
 
-    from msa.platform.mlflow_server import MlflowServer, store_paths
+    from msa.platform.mlflow_server import MlflowServer
 
     run_dir = Path(args.run_dir).resolve()
     if not (run_dir / "sweep.yaml").is_file():
         raise MsaError(f"{run_dir} is not a sweep run directory (no sweep.yaml)")
-    database, _ = store_paths(run_dir)
-    if not database.is_file():
-        raise MsaError(f"{run_dir} has no MLflow store ({database} does not exist)")
+    _require_store(run_dir)
     with MlflowServer(run_dir, host=args.host, port=args.port) as server:
         print(f"MLflow UI for {run_dir}: http://{args.host}:{server.port}  (Ctrl-C stops it)", flush=True)
         while server.process.poll() is None:
@@ -151,16 +149,23 @@ def _mlflow(args: argparse.Namespace) -> None:
     raise MsaError(f"mlflow server stopped by itself (status {server.process.returncode}); see {server.log_path}")
 
 
+def _require_store(run_dir: Path) -> Path:
+    from msa.platform.mlflow_server import store_paths
+
+    database, _ = store_paths(run_dir)
+    if not database.is_file():
+        raise MsaError(f"{run_dir} has no MLflow store ({database} does not exist)")
+    return run_dir
+
+
 @contextlib.contextmanager
 def _tracking_uri(args: argparse.Namespace):
     """The tracking server to talk to: --run-dir (its store, served while the command runs),
     --tracking-uri, or $MLFLOW_TRACKING_URI."""
-    from msa.platform.mlflow_server import MlflowServer, check_tracking_uri, store_paths
+    from msa.platform.mlflow_server import MlflowServer, check_tracking_uri
 
     if args.run_dir:
-        run_dir = Path(args.run_dir).resolve()
-        if not store_paths(run_dir)[0].is_file():
-            raise MsaError(f"{run_dir} has no MLflow store ({store_paths(run_dir)[0]} does not exist)")
+        run_dir = _require_store(Path(args.run_dir).resolve())
         with MlflowServer(run_dir) as server:
             yield server.uri
         return
@@ -190,6 +195,7 @@ def _predict(args: argparse.Namespace) -> None:
     from msa.platform.metrics import compute_metrics
     from msa.platform.model_registry import load_registered, predict_splits
     from msa.platform.readers import atomic_write, load_dataset
+    from msa.platform.train import prediction_table
 
     out = Path(args.out)
     if not out.parent.is_dir():
@@ -203,15 +209,11 @@ def _predict(args: argparse.Namespace) -> None:
     def write(path: Path) -> None:
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            classes = [f"prob_{c}" for c in dataset.class_names] if dataset.task == "classification" else []
-            writer.writerow(["split", "id", "label", "prediction", *classes])
-            for name in splits:
-                split, prediction = dataset.splits[name], predictions[name]
-                for i, clip in enumerate(split.ids):
-                    if prediction.ndim == 1:
-                        writer.writerow([name, clip, split.labels[i].item(), prediction[i].item()])
-                    else:
-                        writer.writerow([name, clip, split.labels[i].item(), int(prediction[i].argmax()), *prediction[i].tolist()])
+            for number, name in enumerate(splits):  # the checkpoint's predictions CSV, with a split column
+                header, rows = prediction_table(dataset.splits[name], predictions[name], dataset.class_names)
+                if number == 0:
+                    writer.writerow(["split", *header])
+                writer.writerows([name, *row] for row in rows)
 
     atomic_write(out, write)
     print(f"wrote {out}: {sum(len(dataset.splits[n]) for n in splits)} predictions of {args.model}")

@@ -52,6 +52,8 @@ class FeatureSet:
         metric_suite: ``"mosi"``, ``"sims"`` or ``"classification"`` (see `msa.platform.metrics`).
         class_names: class names for classification, in class-id order.
         source: the path it was read from.
+        fingerprint: SHA-256 of `source` when the caller has computed it (a sweep does, once per
+            dataset, so its trials need not re-read the file).
 
     Raises:
         MsaError: naming the split and modality when the data is inconsistent.
@@ -63,6 +65,7 @@ class FeatureSet:
     metric_suite: str
     class_names: tuple[str, ...] = ()
     source: str = ""
+    fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         self._validate()

@@ -117,15 +117,20 @@ def _healthy(uri: str, timeout: float) -> bool:
         return False
 
 
+def require_http(uri: str, what: str) -> None:
+    """Refuse a tracking URI that is not an http(s) server address (no network access)."""
+    if not uri.startswith(("http://", "https://")):
+        raise MsaError(f"{what} {uri!r} must be an http(s) address of an MLflow server "
+                       "(leave it empty and the sweep starts its own)")
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Refuse a tracking server that does not answer, before anything is logged to it.
 
     Raises:
         MsaError: the URI is not http(s), or nothing healthy answers there.
     """
-    if not uri.startswith(("http://", "https://")):
-        raise MsaError(f"tracking URI {uri!r} must be an http(s) address of an MLflow server "
-                       "(leave it empty and the sweep starts its own)")
+    require_http(uri, "tracking URI")
     if not _healthy(uri, timeout):
         raise MsaError(f"MLflow tracking server {uri} is unreachable (no answer from {uri.rstrip('/')}/health "
                        f"within {timeout:g} s); start it or fix the URI")

@@ -4,8 +4,9 @@ A registered model ``msa-<model>-<dataset>`` is an MLflow pyfunc whose artifacts
 checkpoint folder (weights + resolved config). Its signature is tensor based: per modality a
 float32 ``(-1, T, d)`` array named after the modality and an int64 ``(-1,)`` array named
 ``<modality>_lengths``; the output is ``(-1,)`` scores (regression) or ``(-1, C)`` class
-probabilities. `predict` runs the model exactly as the training loop predicted the checkpoint's
-stored valid/test predictions (same batch size, fp32 on CPU), so it reproduces them bit for bit.
+probabilities. `predict` runs the training loop's own `predict` (same batch size, fp32 on CPU), so
+it reproduces the checkpoint's stored valid/test predictions bit for bit. MLflow enforces the
+signature on every call; `predict_splits` checks a dataset first, for a one-line error.
 Loading needs this package installed (the model class is referenced, not copied).
 """
 from __future__ import annotations
@@ -42,14 +43,11 @@ class CheckpointModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from msa.models.base import DataSpec
         from msa.models.registry import build_model
 
         folder = Path(context.artifacts["checkpoint"])
         self.config = yaml.safe_load((folder / "config.yaml").read_text())
-        data_spec = self.config["data_spec"]
-        self.spec = DataSpec(dims=data_spec["dims"], max_lengths=data_spec["max_lengths"],
-                             task=data_spec["task"], num_classes=data_spec["num_classes"])
+        self.spec = checkpoint_spec(self.config)
         self.model = build_model(self.config["model"], self.spec, self.config["model_config"])
         self.model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
         self.model.eval()
@@ -57,22 +55,26 @@ class CheckpointModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import torch
 
-        check_inputs(self.spec, {m: np.shape(model_input[m]) for m in model_input if not m.endswith(LENGTHS_SUFFIX)})
+        from msa.platform.train import predict
+
+        # MLflow has enforced the signature (names, dtypes, shapes) before this is called.
         features = {m: torch.as_tensor(np.asarray(model_input[m], dtype=np.float32)) for m in self.spec.modalities}
         lengths = {m: torch.as_tensor(np.asarray(model_input[m + LENGTHS_SUFFIX], dtype=np.int64))
                    for m in self.spec.modalities}
-        size, batch = len(next(iter(features.values()))), int(self.config["batch_size"])
-        outputs = []
-        with torch.no_grad():
-            for start in range(0, size, batch):
-                part = slice(start, start + batch)
-                prediction = self.model({m: x[part] for m, x in features.items()},
-                                        {m: n[part] for m, n in lengths.items()}).prediction.float()
-                outputs.append(prediction.softmax(-1) if self.spec.task == "classification" else prediction)
-        return torch.cat(outputs).numpy()
+        # The training loop's own predict with its batch size: the stored predictions, exactly.
+        return predict(self.model, features, lengths, self.spec.task, int(self.config["batch_size"]))
 
 
-def check_inputs(spec, shapes: dict[str, tuple[int, ...]], *, what: str = "the input") -> None:
+def checkpoint_spec(config: dict[str, Any]):
+    """The `DataSpec` a checkpoint's resolved config.yaml records."""
+    from msa.models.base import DataSpec
+
+    data_spec = config["data_spec"]
+    return DataSpec(dims=data_spec["dims"], max_lengths=data_spec["max_lengths"], task=data_spec["task"],
+                    num_classes=data_spec["num_classes"])
+
+
+def check_inputs(spec, shapes: dict[str, tuple[int, ...]], *, what: str) -> None:
     """Refuse inputs whose modalities or (T, d) differ from what the model was trained on."""
     missing, extra = sorted(set(spec.modalities) - set(shapes)), sorted(set(shapes) - set(spec.modalities))
     if missing or extra:
@@ -116,7 +118,6 @@ def register_checkpoint(uri: str, run_id: str, folder: Path, name: str, tags: di
     """Log `folder` as a pyfunc model of run `run_id`, register it as `name`, move `champion` to it.
 
     A run already registered under `name` (a resumed sweep) is not registered twice. Returns the version."""
-    from msa.models.base import DataSpec
     from msa.platform.mlflow_server import client
 
     mlflow_client = client(uri)
@@ -124,10 +125,7 @@ def register_checkpoint(uri: str, run_id: str, folder: Path, name: str, tags: di
     if existing:
         version = max(existing, key=lambda v: int(v.version)).version
     else:
-        config = yaml.safe_load((folder / "config.yaml").read_text())
-        data_spec = config["data_spec"]
-        spec = DataSpec(dims=data_spec["dims"], max_lengths=data_spec["max_lengths"], task=data_spec["task"],
-                        num_classes=data_spec["num_classes"])
+        spec = checkpoint_spec(yaml.safe_load((folder / "config.yaml").read_text()))
         with _quiet(), _using(uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=CheckpointModel(), artifacts={"checkpoint": str(folder)},

@@ -45,7 +45,7 @@ from msa.platform.errors import MsaError
 from msa.platform.features import FeatureSet
 from msa.platform.metrics import METRIC_MODES, SUITE_METRICS
 from msa.platform.mlflow_server import check_tracking_uri
-from msa.platform.readers import load_dataset, write_mmsa_pickle
+from msa.platform.readers import load_dataset, sha256_path, write_mmsa_pickle
 from msa.platform.search_space import load_search_space
 from msa.platform.sweep_config import BUILTIN_DATASETS, SweepConfig, load_sweep_config, validate_sweep_config
 from msa.platform.tracking import SweepTracking, TrialRunCloser, TrialTracking, open_trial_run
@@ -288,6 +288,8 @@ def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: s
         check_tracking_uri(config.tracking.uri)
     run_dir = resume_dir if resume_dir is not None else _make_run_dir(config)
     _save_builtin_datasets(datasets, run_dir)
+    for dataset in datasets.values():  # once here, not in every trial's checkpoint writer
+        dataset.fingerprint = sha256_path(dataset.source)
     tracking = SweepTracking(config.tracking.uri, run_dir, to_plain(config))
     own_runtime = not ray.is_initialized()  # tests and notebooks may already hold one
     try:

@@ -188,9 +188,13 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
             load_search_space(model, path)
         except MsaError as exc:
             raise MsaError(f"{where}: search.spaces.{model}: {exc}") from None
-    if config.tracking.uri and not config.tracking.uri.startswith(("http://", "https://")):
-        raise MsaError(f"{where}: tracking.uri {config.tracking.uri!r} must be an http(s) address of an MLflow "
-                       "server (leave it empty and the sweep starts its own)")
+    if config.tracking.uri:
+        from msa.platform.mlflow_server import require_http
+
+        try:
+            require_http(config.tracking.uri, "tracking.uri")
+        except MsaError as exc:
+            raise MsaError(f"{where}: {exc}") from None
     owned = {"model", "data", "out", "seed", "epochs", "zero_stage", "precision"} & set(config.train)
     if owned:
         raise MsaError(f"{where}: train.{sorted(owned)[0]} is set by the sweep itself; remove it")

@@ -17,6 +17,7 @@ the same runs and never re-logs a param.
 """
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import math
@@ -44,8 +45,10 @@ RUN_DIR_TAG = "msa.run_dir"
 PACKAGES = ("msa-sweep", "torch", "ray", "deepspeed", "optuna", "mlflow")
 
 
+@functools.cache
 def environment_tags() -> dict[str, str]:
-    """Where and with what a run executes: git commit of this code, package versions, host."""
+    """Where and with what a run executes: git commit of this code, package versions, host.
+    The same for the life of a process (a reused trial process asks once)."""
     tags = {"git_commit": _git_commit(), "host": socket.gethostname(), "user": getpass.getuser(),
             "version.python": sys.version.split()[0]}
     for package in PACKAGES:
@@ -80,13 +83,18 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def find_runs(mlflow_client, experiment_id: str, match: dict[str, str], *, max_results: int = 1000) -> list:
+    """Runs of `experiment_id` whose tags include every key and value of `match`."""
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in match.items())
+    return mlflow_client.search_runs([experiment_id], filter_string=query, max_results=max_results)
+
+
 def find_or_create_run(mlflow_client, experiment_id: str, match: dict[str, str], *, name: str,
                        tags: dict[str, str], parent_run_id: str | None = None) -> tuple[str, bool]:
     """The run of `experiment_id` whose tags include `match`, created (with `tags`) if none.
 
     Returns the run id and whether it was created now. A run found again is set RUNNING."""
-    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in match.items())
-    found = mlflow_client.search_runs([experiment_id], filter_string=query, max_results=1)
+    found = find_runs(mlflow_client, experiment_id, match, max_results=1)
     if found:
         run_id = found[0].info.run_id
         mlflow_client.update_run(run_id, status="RUNNING")
@@ -123,7 +131,7 @@ class TrialTracking:
     experiment_id: str
     study_run_id: str
     pair: str
-    tags: dict[str, str]  # environment, dataset and sweep tags every trial run carries
+    tags: dict[str, str]  # sweep, model and dataset tags every trial run carries
     dataset_name: str
     dataset_source: str
     dataset_fingerprint: str
@@ -216,14 +224,9 @@ def log_trial_outcome(mlflow_client, run_id: str, folder: Path, state: str) -> N
 
 
 def _epoch_curves(mlflow_client, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """Every per-epoch metric the run logged (a stopped trial's too), by epoch; the last value
-    logged for an epoch wins (a retried epoch logs again)."""
-    curves = {}
-    for name in mlflow_client.get_run(run_id).data.metrics:
-        if name.startswith(("train_", "valid_", "best_valid_")):
-            points = {m.step: m.value for m in sorted(mlflow_client.get_metric_history(run_id, name), key=lambda m: m.timestamp)}
-            curves[name] = sorted(points.items())
-    return curves
+    """Every per-epoch metric the run logged (a stopped trial's too) as (epoch, value) points."""
+    return {name: sorted((m.step, m.value) for m in mlflow_client.get_metric_history(run_id, name))
+            for name in mlflow_client.get_run(run_id).data.metrics if name.startswith(("train_", "valid_", "best_valid_"))}
 
 
 class TrialRunCloser(tune.Callback):
@@ -251,13 +254,13 @@ class SweepTracking:
     sweep run ends FINISHED, KILLED (Ctrl-C) or FAILED, and an own server is stopped."""
 
     def __init__(self, uri: str, run_dir: Path, sweep_config: dict[str, Any]):
-        """Check the given server now, or launch the sweep's own (it boots while Ray starts)."""
-        from msa.platform.mlflow_server import MlflowServer, check_tracking_uri
+        """Use `uri` (the caller has checked it answers, before writing anything), or launch the
+        sweep's own server now (it boots while Ray starts)."""
+        from msa.platform.mlflow_server import MlflowServer
 
         self.run_dir, self.sweep_config = Path(run_dir), sweep_config
         self.server = None
         if uri:
-            check_tracking_uri(uri)
             self.uri = uri
         else:
             self.server = MlflowServer(self.run_dir).launch()
@@ -284,9 +287,13 @@ class SweepTracking:
         return self
 
     def __exit__(self, kind, error, trace) -> None:
+        """End the sweep run, and a study run left open by an interruption or error, alike."""
         try:
             status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) or \
                 getattr(error, "exit_code", None) == 130 else "FAILED"
+            for study in find_runs(self.client, self.experiment_id, {ROLE_TAG: "study"}):
+                if study.info.status == "RUNNING":
+                    self.client.set_terminated(study.info.run_id, status=status)
             self.client.set_terminated(self.sweep_run_id, status=status)
         finally:
             self.stop_server()
@@ -297,10 +304,8 @@ class SweepTracking:
 
     def open_study(self, pair: str, model: str, dataset) -> TrialTracking:
         """The study's run (created, or found again on resume) and what its trials need."""
-        from msa.platform.readers import sha256_path
-
         source = Path(dataset.source)
-        fingerprint = sha256_path(source)
+        fingerprint = dataset.fingerprint
         study_tags = {RUN_DIR_TAG: str(self.run_dir), "msa.sweep": self.run_dir.name, "msa.sweep_run_id": self.sweep_run_id,
                       "model": model, "dataset": dataset.name, "dataset_fingerprint": fingerprint,
                       "metric_suite": dataset.metric_suite}
@@ -330,9 +335,7 @@ class SweepTracking:
         if row["best_checkpoint"] is not None:
             folder = Path(row["best_checkpoint"])
             best_trial = folder.name
-            trial_run = self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{best_trial}' and tags.`{PAIR_TAG}` = '{tracking.pair}'",
-                max_results=1)[0]
+            (trial_run,) = find_runs(self.client, self.experiment_id, {TRIAL_TAG: best_trial, PAIR_TAG: tracking.pair})
             stored = json.loads((folder / "metrics.json").read_text())
             name = registered_name(tracking.tags["model"], tracking.tags["dataset"])
             version_tags = {

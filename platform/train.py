@@ -188,14 +188,17 @@ def task_loss(prediction: torch.Tensor, labels: torch.Tensor, task: str, regress
 
 
 @torch.no_grad()
-def predict(engine, data: SplitTensors, task: str, batch_size: int) -> np.ndarray:
-    """Predictions for a whole split: ``(N,)`` scores or ``(N, C)`` class probabilities."""
+def predict(engine, features: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor], task: str,
+            batch_size: int) -> np.ndarray:
+    """Predictions for whole split arrays: ``(N,)`` scores or ``(N, C)`` class probabilities.
+
+    The registered pyfunc model predicts through this too, so it reproduces stored predictions."""
     engine.eval()
     outputs = []
-    for start in range(0, data.size, batch_size):
-        index = torch.arange(start, min(start + batch_size, data.size), device=data.labels.device)
-        features, lengths, _ = data.batch(index)
-        prediction = engine(features, lengths).prediction.float()
+    size = len(next(iter(features.values())))
+    for start in range(0, size, batch_size):
+        part = slice(start, start + batch_size)
+        prediction = engine({m: x[part] for m, x in features.items()}, {m: n[part] for m, n in lengths.items()}).prediction.float()
         outputs.append(prediction.softmax(-1) if task == "classification" else prediction)
     return torch.cat(outputs).cpu().numpy()
 
@@ -325,13 +328,13 @@ def train_loop(
             raise NonFiniteLossError(
                 f"training loss became {means['loss']} in epoch {epoch}; lower lr or check the data"
             )
-        valid_pred = predict(engine, splits["valid"], dataset.task, config.batch_size)
+        valid_pred = predict(engine, splits["valid"].features, splits["valid"].lengths, dataset.task, config.batch_size)
         valid_metrics = compute_metrics(suite, valid_pred, dataset.splits["valid"].labels)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in means.items()}}
         record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
         improved = is_better(selection, valid_metrics[selection], state.best_score)
         if improved:
-            test_pred = predict(engine, splits["test"], dataset.task, config.batch_size)
+            test_pred = predict(engine, splits["test"].features, splits["test"].lengths, dataset.task, config.batch_size)
             state.best_score, state.best_epoch, state.best_valid = valid_metrics[selection], epoch, valid_metrics
             state.best_test = compute_metrics(suite, test_pred, dataset.splits["test"].labels)
             weights = {k: v.detach().float().cpu() for k, v in _full_state_dict(engine, config).items()}
@@ -374,16 +377,21 @@ def default_out_dir(config: TrainConfig, dataset: FeatureSet) -> Path:
     return Path("runs") / "train" / f"{config.model}-{dataset.name}-seed{config.seed}-{stamp}"
 
 
+def prediction_table(split: Split, prediction: np.ndarray, class_names: tuple[str, ...]) -> tuple[list[str], list[list]]:
+    """Header and rows of a predictions CSV: ``id,label,prediction`` (+ ``prob_<class>`` columns)."""
+    if prediction.ndim == 1:
+        return ["id", "label", "prediction"], [list(row) for row in zip(split.ids, split.labels.tolist(), prediction.tolist())]
+    rows = [[clip, label, int(np.argmax(probs)), *probs]
+            for clip, label, probs in zip(split.ids, split.labels.tolist(), prediction.tolist())]
+    return ["id", "label", "prediction", *[f"prob_{c}" for c in class_names]], rows
+
+
 def _write_predictions(path: Path, split: Split, prediction: np.ndarray, class_names: tuple[str, ...]) -> None:
+    header, rows = prediction_table(split, prediction, class_names)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        if prediction.ndim == 1:
-            writer.writerow(["id", "label", "prediction"])
-            writer.writerows(zip(split.ids, split.labels.tolist(), prediction.tolist()))
-        else:
-            writer.writerow(["id", "label", "prediction", *[f"prob_{c}" for c in class_names]])
-            for clip, label, probs in zip(split.ids, split.labels.tolist(), prediction.tolist()):
-                writer.writerow([clip, label, int(np.argmax(probs)), *probs])
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 class CheckpointWriter:
@@ -402,7 +410,7 @@ class CheckpointWriter:
                           "metric_suite": dataset.metric_suite},
         }
         source = Path(dataset.source)
-        self.fingerprint = sha256_path(source) if source.exists() else None
+        self.fingerprint = dataset.fingerprint or (sha256_path(source) if source.exists() else None)
         self.weights_sha256 = ""
         if (out_dir / "metrics.json").is_file():  # a resumed run: keep the best epoch already written
             self.weights_sha256 = json.loads((out_dir / "metrics.json").read_text())["weights_sha256"]

@@ -76,6 +76,11 @@ def test_interrupted_sweep_resumes_without_rerunning_or_losing_trials(tmp_path, 
     before = {t.user_attrs["ray_trial_id"]: (trials_dir / t.user_attrs["ray_trial_id"] / "metrics.json").stat().st_mtime
               for t in finished(study)}
     assert 2 <= len(before) < 4
+    with tracking_store(run_dir) as mlflow_client:  # the interrupted sweep's open runs were ended
+        experiment = mlflow_client.get_experiment_by_name(run_dir.name)
+        statuses = {r.data.tags["msa.role"]: r.info.status for r in mlflow_client.search_runs(
+            [experiment.experiment_id], filter_string="tags.`msa.role` != 'trial'")}
+        assert statuses == {"sweep": "KILLED", "study": "KILLED"}
 
     resumed = subprocess.run([MSA, "sweep", "--resume", str(run_dir)], cwd=tmp_path, capture_output=True,
                              text=True, timeout=900)
