@@ -7,6 +7,9 @@
 * ``msa mlflow RUN_DIR``: the MLflow UI over a sweep's tracking store, until Ctrl-C.
 * ``msa registry``: the msa-* models in the MLflow model registry, with valid/test metrics.
 * ``msa predict``: predictions of a registered model (``models:/NAME@champion``) for a dataset.
+* ``msa ensemble RUN_DIR``: stacked ensembles of a sweep's best trials and their leaderboard.
+* ``msa leaderboard RUN_DIR --format csv|md|json|html``: the leaderboard, exported.
+* ``msa run CONFIG``: the whole pipeline (sweep, ensembles, leaderboard).
 
 Bad input ends with one line ``msa: error: ...`` on stderr and exit status 2.
 """
@@ -131,6 +134,95 @@ def _sweep(args: argparse.Namespace) -> None:
         config = load_sweep_config(args.config, args.overrides)
         rows = run_sweep(config)
     print("\n" + format_summary(rows))
+
+
+def _ensemble_options(args: argparse.Namespace, run_dir: Path | None):
+    """The run's `ensemble:` settings (or the defaults), with the flags given on top."""
+    from msa.platform.config import build_dataclass, load_yaml_mapping, to_plain
+    from msa.platform.sweep_config import EnsembleConfig
+
+    values = to_plain(EnsembleConfig())
+    if run_dir is not None and (run_dir / "sweep.yaml").is_file():
+        values.update(load_yaml_mapping(run_dir / "sweep.yaml").get("ensemble") or {})
+    for key in ("top_k", "protocol", "folds", "seeds", "caruana_steps", "bootstrap", "seed"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.learners is not None:
+        values["learners"] = [name.strip() for name in args.learners.split(",") if name.strip()]
+    if args.no_register:
+        values["register"] = False
+    return build_dataclass(EnsembleConfig, values, where="ensemble options")
+
+
+def _ensemble(args: argparse.Namespace) -> None:
+    from msa.ensembles.build import build_ensembles
+
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else None
+    if run_dir is None and not args.experiment:
+        raise MsaError("msa ensemble: give a sweep RUN_DIR, or --experiment NAME with --tracking-uri and --out")
+    board = build_ensembles(_ensemble_options(args, run_dir), run_dir=run_dir, experiment=args.experiment,
+                            tracking_uri=args.tracking_uri, out_dir=Path(args.out).resolve() if args.out else None)
+    _print_board(board, Path(args.out).resolve() if args.out else run_dir / "ensembles")
+
+
+def _print_board(board: dict, folder: Path) -> None:
+    """A compact leaderboard per dataset; the full one is in the written files."""
+    for entry in board["datasets"]:
+        metric = entry["selection_metric"]
+        arrow = "lower" if entry["directions"][metric] == "lower" else "higher"
+        print(f"\n[{entry['dataset']}] ranked by valid {metric} ({arrow} is better); "
+              f"test difference vs best single with paired bootstrap 95% interval")
+        print(f"{'#':>3}  {'name':<34}{'kind':<15}{'valid':>9}{'test':>9}  {'test diff [95% CI]':<28}registered")
+        for rank, row in enumerate(entry["rows"], 1):
+            diff = row["test_diff"][metric]
+            interval = "-" if diff["diff"] is None else f"{diff['diff']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}]"
+            print(f"{rank:>3}  {row['name']:<34}{row['kind']:<15}{_number(row['valid'][metric]):>9}"
+                  f"{_number(row['test'][metric]):>9}  {interval:<28}{row['registered']}")
+    print(f"\nleaderboard: {folder}/leaderboard.{{csv,md,json,html}}")
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _leaderboard(args: argparse.Namespace) -> None:
+    from msa.ensembles.leaderboard import read_board, render
+    from msa.platform.readers import atomic_write
+
+    path = Path(args.path)
+    if path.is_dir():
+        path = path / "ensembles" / "leaderboard.json" if (path / "ensembles").is_dir() else path / "leaderboard.json"
+    if not path.is_file():
+        raise MsaError(f"no leaderboard at {path}; run msa ensemble RUN_DIR first")
+    text = render(read_board(path), args.format)
+    if args.out:
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise MsaError(f"--out {out}: folder {out.parent} does not exist")
+        atomic_write(out, lambda tmp: tmp.write_text(text))
+        print(f"wrote {out}")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _run(args: argparse.Namespace) -> None:
+    from msa.ensembles.build import build_ensembles
+    from msa.ensembles.leaderboard import write_all
+    from msa.platform.sweep import format_summary, run_sweep
+    from msa.platform.sweep_config import load_sweep_config
+
+    config = load_sweep_config(args.config, args.overrides)
+    export = Path(args.export).resolve() if args.export else None
+    rows = run_sweep(config)
+    print("\n" + format_summary(rows))
+    run_dir = Path(rows[0]["run_dir"])
+    board = build_ensembles(config.ensemble, run_dir=run_dir)
+    folder = run_dir / "ensembles"
+    if export is not None:
+        export.mkdir(parents=True, exist_ok=True)
+        write_all(board, export)
+        folder = export
+    _print_board(board, folder)
 
 
 def _mlflow(args: argparse.Namespace) -> None:
@@ -288,6 +380,34 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--replace-nonfinite", action="store_true", help="read NaN/inf features as 0")
     tracking_options(predict)
     predict.set_defaults(run=_predict)
+
+    run = commands.add_parser("run", help="the whole pipeline: sweep, ensembles, leaderboard")
+    run.add_argument("config", help="sweep YAML (its ensemble: section configures the ensembles)")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. ensemble.top_k=3")
+    run.add_argument("--export", metavar="DIR", help="also write leaderboard.{csv,md,json,html} into DIR")
+    run.set_defaults(run=_run)
+
+    ensemble = commands.add_parser("ensemble", help="stacked ensembles of a sweep's best trials, and the leaderboard")
+    ensemble.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a sweep run directory")
+    ensemble.add_argument("--experiment", help="take the trials of this MLflow experiment instead (with --tracking-uri, --out)")
+    ensemble.add_argument("--tracking-uri", help="MLflow server (default: the sweep's, or its own store served)")
+    ensemble.add_argument("--out", help="output folder (default RUN_DIR/ensembles)")
+    ensemble.add_argument("--top-k", dest="top_k", type=int, help="best trials per model and dataset (default 5)")
+    ensemble.add_argument("--learners", help="comma-separated meta-learners (default: all that suit the task)")
+    ensemble.add_argument("--protocol", choices=["crossfit", "oof"])
+    ensemble.add_argument("--folds", type=int, help="grouped folds (default 5)")
+    ensemble.add_argument("--seeds", type=int, help="runs averaged in the seed ensemble (default 3)")
+    ensemble.add_argument("--caruana-steps", dest="caruana_steps", type=int)
+    ensemble.add_argument("--bootstrap", type=int, help="resamples per interval (default 1000)")
+    ensemble.add_argument("--seed", type=int)
+    ensemble.add_argument("--no-register", action="store_true", help="do not register the best ensemble")
+    ensemble.set_defaults(run=_ensemble)
+
+    leaderboard = commands.add_parser("leaderboard", help="export a built leaderboard as csv, md, json or html")
+    leaderboard.add_argument("path", metavar="RUN_DIR", help="a sweep run directory (or an ensembles folder)")
+    leaderboard.add_argument("--format", choices=["csv", "md", "json", "html"], default="md")
+    leaderboard.add_argument("--out", help="file to write (default: standard output)")
+    leaderboard.set_defaults(run=_leaderboard)
 
     models = commands.add_parser("models", help="list the registered models")
     models.set_defaults(run=_models)

@@ -41,28 +41,45 @@ class CheckpointModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
+        self.checkpoint = LoadedCheckpoint(Path(context.artifacts["checkpoint"]))
+
+    def predict(self, context, model_input, params=None):
+        # MLflow has enforced the signature (names, dtypes, shapes) before this is called.
+        return self.checkpoint.predict(model_input)
+
+
+class LoadedCheckpoint:
+    """A checkpoint folder's model in eval mode, predicting like the training loop did."""
+
+    def __init__(self, folder: Path):
         import torch
 
         from msa.models.registry import build_model
 
-        folder = Path(context.artifacts["checkpoint"])
         self.config = yaml.safe_load((folder / "config.yaml").read_text())
         self.spec = checkpoint_spec(self.config)
         self.model = build_model(self.config["model"], self.spec, self.config["model_config"])
         self.model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
         self.model.eval()
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """``{modality: (N, T, d), modality_lengths: (N,)}`` -> ``(N,)`` scores or ``(N, C)`` probabilities."""
         import torch
 
         from msa.platform.train import predict
 
-        # MLflow has enforced the signature (names, dtypes, shapes) before this is called.
-        features = {m: torch.as_tensor(np.asarray(model_input[m], dtype=np.float32)) for m in self.spec.modalities}
-        lengths = {m: torch.as_tensor(np.asarray(model_input[m + LENGTHS_SUFFIX], dtype=np.int64))
+        features = {m: torch.as_tensor(np.asarray(inputs[m], dtype=np.float32)) for m in self.spec.modalities}
+        lengths = {m: torch.as_tensor(np.asarray(inputs[m + LENGTHS_SUFFIX], dtype=np.int64))
                    for m in self.spec.modalities}
         # The training loop's own predict with its batch size: the stored predictions, exactly.
         return predict(self.model, features, lengths, self.spec.task, int(self.config["batch_size"]))
+
+
+def split_inputs(split, modalities) -> dict[str, np.ndarray]:
+    """A dataset split as the pyfunc input mapping (float32 features, int64 lengths)."""
+    inputs = {m: np.asarray(split.features[m], dtype=np.float32) for m in modalities}
+    inputs.update({m + LENGTHS_SUFFIX: np.asarray(split.lengths[m], dtype=np.int64) for m in modalities})
+    return inputs
 
 
 def checkpoint_spec(config: dict[str, Any]):
@@ -118,6 +135,16 @@ def register_checkpoint(uri: str, run_id: str, folder: Path, name: str, tags: di
     """Log `folder` as a pyfunc model of run `run_id`, register it as `name`, move `champion` to it.
 
     A run already registered under `name` (a resumed sweep) is not registered twice. Returns the version."""
+    spec = checkpoint_spec(yaml.safe_load((folder / "config.yaml").read_text()))
+    return register_pyfunc(uri, run_id, name, tags, python_model=CheckpointModel(),
+                           artifacts={"checkpoint": str(folder)}, spec=spec)
+
+
+def register_pyfunc(uri: str, run_id: str, name: str, tags: dict[str, str], *, python_model, artifacts: dict[str, str],
+                    spec) -> str:
+    """Log `python_model` (with `artifacts`, the tensor signature of `spec`) as run `run_id`'s
+    model, register it as `name` unless that run already is, tag the version and point
+    `champion` at it. Returns the version."""
     from msa.platform.mlflow_server import client
 
     mlflow_client = client(uri)
@@ -125,10 +152,9 @@ def register_checkpoint(uri: str, run_id: str, folder: Path, name: str, tags: di
     if existing:
         version = max(existing, key=lambda v: int(v.version)).version
     else:
-        spec = checkpoint_spec(yaml.safe_load((folder / "config.yaml").read_text()))
         with _quiet(), _using(uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=CheckpointModel(), artifacts={"checkpoint": str(folder)},
+                name="model", python_model=python_model, artifacts=artifacts,
                 signature=signature_for(spec), registered_model_name=name, await_registration_for=60,
                 pip_requirements=_requirements(),
             )
@@ -223,8 +249,5 @@ def predict_splits(model, dataset, splits: list[str], *, what: str) -> dict[str,
         raise MsaError(f"{what} has {len(dataset.class_names)} classes but the model predicts {spec.num_classes}")
     out = {}
     for name in splits:
-        split = dataset.splits[name]
-        inputs = {m: np.asarray(split.features[m], dtype=np.float32) for m in spec.modalities}
-        inputs.update({m + LENGTHS_SUFFIX: np.asarray(split.lengths[m], dtype=np.int64) for m in spec.modalities})
-        out[name] = np.asarray(model.predict(inputs))
+        out[name] = np.asarray(model.predict(split_inputs(dataset.splits[name], spec.modalities)))
     return out

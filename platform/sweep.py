@@ -391,7 +391,7 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
     started = time.monotonic()
     tuner.fit()
     study = optuna.load_study(study_name=pair, storage=storage_url)
-    row = _pair_summary(pair, model, dataset_name, metric, mode, study, Path(context.trials_dir))
+    row = {**_pair_summary(pair, model, dataset_name, metric, mode, study, Path(context.trials_dir)), "run_dir": str(run_dir)}
     # Tune returns normally on Ctrl-C, and the trials it stops then never reach the searcher:
     # fewer finished trials in the study than the budget, with time left, means the user stopped it.
     out_of_time = config.budget.time_budget_s is not None and time.monotonic() - started >= config.budget.time_budget_s

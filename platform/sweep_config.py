@@ -101,6 +101,52 @@ class TrackingConfig:
 
 
 @dataclass
+class EnsembleConfig:
+    """How `msa ensemble` (and `msa run`) build stacked ensembles from a sweep's trials.
+
+    Args:
+        top_k: per dataset, the best trials of each model (by the valid selection metric) that
+            become members.
+        learners: meta-learners to fit (empty: every one that suits the task: mean, nnls,
+            ridge or logistic, caruana).
+        protocol: ``crossfit`` (fit on the members' valid predictions; valid score cross-fitted
+            over grouped folds) or ``oof`` (retrain each member's config on K grouped folds of
+            train+valid and stack on the out-of-fold predictions: K retrainings per member).
+        folds: K for cross-fitting and for the out-of-fold protocol.
+        seeds: runs of the best single model's config averaged in the seed ensemble (the
+            original trial plus ``seeds - 1`` retrained with the next seeds).
+        caruana_steps: greedy steps of Caruana selection.
+        bootstrap: resamples behind each paired 95% interval.
+        seed: seeds the folds, the bootstrap and Caruana's tie-breaking.
+        register: register the best ensemble as ``msa-ensemble-<dataset>`` (alias champion).
+    """
+
+    top_k: int = 5
+    learners: list[str] = field(default_factory=list)
+    protocol: Literal["crossfit", "oof"] = "crossfit"
+    folds: int = 5
+    seeds: int = 3
+    caruana_steps: int = 25
+    bootstrap: int = 1000
+    seed: int = 0
+    register: bool = True
+
+
+def validate_ensemble_config(config: EnsembleConfig, *, where: str) -> EnsembleConfig:
+    """Checks that need more than types; raises MsaError naming `where`."""
+    from msa.ensembles.meta_learners import META_LEARNERS
+
+    for label, value, low in (("top_k", config.top_k, 1), ("folds", config.folds, 2), ("seeds", config.seeds, 2),
+                              ("caruana_steps", config.caruana_steps, 1), ("bootstrap", config.bootstrap, 100)):
+        if value < low:
+            raise MsaError(f"{where}: ensemble.{label} must be >= {low}, got {value}")
+    unknown = [name for name in config.learners if name not in META_LEARNERS]
+    if unknown:
+        raise MsaError(f"{where}: unknown meta-learner {unknown[0]!r}; known: {', '.join(META_LEARNERS)}")
+    return config
+
+
+@dataclass
 class SweepConfig:
     """A whole sweep: every model on every dataset, one Optuna study per pair.
 
@@ -111,6 +157,7 @@ class SweepConfig:
         storage: folder under which each sweep gets its run directory.
         train: fixed TrainConfig overrides for every trial (e.g. ``patience``).
         tracking: the MLflow server to log to (default: one the sweep starts itself).
+        ensemble: how `msa ensemble` / `msa run` stack the trials afterwards.
     """
 
     name: str = "sweep"
@@ -123,6 +170,7 @@ class SweepConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: str = "runs/sweeps"
     train: dict[str, Any] = field(default_factory=dict)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def selection_metric(self, suite: str) -> str:
         from msa.platform.metrics import DEFAULT_SELECTION_METRIC
@@ -195,6 +243,7 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
             require_http(config.tracking.uri, "tracking.uri")
         except MsaError as exc:
             raise MsaError(f"{where}: {exc}") from None
+    validate_ensemble_config(config.ensemble, where=where)
     owned = {"model", "data", "out", "seed", "epochs", "zero_stage", "precision"} & set(config.train)
     if owned:
         raise MsaError(f"{where}: train.{sorted(owned)[0]} is set by the sweep itself; remove it")

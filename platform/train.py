@@ -241,6 +241,7 @@ def train_loop(
     on_epoch: Callable[[dict[str, float], Callable[[Path], None]], None] | None = None,
     resume_from: Path | None = None,
     replace_stale_out: bool = False,
+    keep_last_epoch: bool = False,
 ) -> TrainResult:
     """Train one model with DeepSpeed; its checkpoint folder always holds the best epoch so far.
 
@@ -255,6 +256,8 @@ def train_loop(
         replace_stale_out: the caller owns the output folder (a sweep trial's): when starting
             afresh, a folder left by an earlier attempt that never saved its state is deleted
             instead of refused.
+        keep_last_epoch: train exactly ``config.epochs`` epochs and keep the last one, choosing
+            nothing on valid (the out-of-fold protocol, whose "valid" is the held-out fold).
 
     Returns:
         The best epoch's valid and test metrics, the history, and where the checkpoint is.
@@ -332,7 +335,7 @@ def train_loop(
         valid_metrics = compute_metrics(suite, valid_pred, dataset.splits["valid"].labels)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in means.items()}}
         record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
-        improved = is_better(selection, valid_metrics[selection], state.best_score)
+        improved = keep_last_epoch or is_better(selection, valid_metrics[selection], state.best_score)
         if improved:
             test_pred = predict(engine, splits["test"].features, splits["test"].lengths, dataset.task, config.batch_size)
             state.best_score, state.best_epoch, state.best_valid = valid_metrics[selection], epoch, valid_metrics
@@ -342,7 +345,7 @@ def train_loop(
                 writer.write_best(weights, valid_pred, test_pred, state, state.history + [record])
         record["improved"] = float(improved)
         record[f"best_valid_{selection}"] = state.best_score if state.best_score is not None else math.nan
-        stop = epoch == config.epochs or epoch - state.best_epoch >= config.patience
+        stop = epoch == config.epochs or (not keep_last_epoch and epoch - state.best_epoch >= config.patience)
         record["final"] = float(stop)
         record["epoch_seconds"] = time.perf_counter() - started
         state.history.append(record)

@@ -1,0 +1,59 @@
+"""A fitted ensemble as an MLflow pyfunc model: ``msa-ensemble-<dataset>``.
+
+Its artifacts are the member checkpoint folders and ``ensemble.json``: the task, the member groups
+(a group is one or more checkpoints whose predictions are averaged: a single trial, a seed
+ensemble's seeds, or a member's K out-of-fold models) and the meta-learner's combiner (see
+`meta_learners.combine`, numpy only). It takes the same tensor input as every member model, so
+`msa predict --model models:/msa-ensemble-<dataset>@champion` works like it does for a trial.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import yaml
+
+from msa.ensembles.meta_learners import combine
+
+DESCRIPTION = "ensemble.json"
+
+
+class EnsembleModel(mlflow.pyfunc.PythonModel):
+    """Member checkpoints + combiner: ``predict({modality: (N,T,d), modality_lengths: (N,)})``."""
+
+    _skip_type_hint_validation = True  # the signature describes the input (see CheckpointModel)
+
+    def load_context(self, context) -> None:
+        from msa.platform.model_registry import LoadedCheckpoint
+
+        description = json.loads(Path(context.artifacts["description"]).read_text())
+        self.combiner = description["combiner"]
+        self.groups = [[LoadedCheckpoint(Path(context.artifacts[key])) for key in group] for group in description["groups"]]
+
+    def predict(self, context, model_input, params=None):
+        columns = [np.mean([checkpoint.predict(model_input) for checkpoint in group], axis=0) for group in self.groups]
+        return combine(self.combiner, np.stack(columns, axis=1))
+
+
+def register_ensemble(uri: str, run_id: str, name: str, groups: list[list[Path]], combiner: dict, task: str,
+                      tags: dict[str, str]) -> str:
+    """Log and register an ensemble of checkpoint `groups` combined by `combiner`; returns the version."""
+    from msa.platform.model_registry import checkpoint_spec, register_pyfunc
+
+    artifacts: dict[str, str] = {}
+    keys = []
+    for number, group in enumerate(groups):
+        keys.append([])
+        for position, folder in enumerate(group):
+            key = f"member{number}_{position}"
+            artifacts[key] = str(folder)
+            keys[-1].append(key)
+    spec = checkpoint_spec(yaml.safe_load((groups[0][0] / "config.yaml").read_text()))
+    with tempfile.TemporaryDirectory() as scratch:
+        description = Path(scratch) / DESCRIPTION
+        description.write_text(json.dumps({"task": task, "groups": keys, "combiner": combiner}, indent=2))
+        artifacts["description"] = str(description)
+        return register_pyfunc(uri, run_id, name, tags, python_model=EnsembleModel(), artifacts=artifacts, spec=spec)

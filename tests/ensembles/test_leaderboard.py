@@ -1,0 +1,606 @@
+"""Tests for ``msa.ensembles.leaderboard``: the four renderings of one leaderboard document.
+
+One realistic document (a MOSI-suite regression dataset and a classification dataset, every row
+kind, undefined values as None and as NaN, full-precision floats, a name that needs HTML escaping)
+is rendered to CSV, JSON and Markdown, and each rendering is parsed back independently (csv,
+json, splitting Markdown lines on ``|``) and compared number by number with the document. The
+HTML page is opened in headless Chromium: a checker page served beside it on 127.0.0.1 loads it
+in an iframe and writes what Chromium built (tables, header texts, row counts, decoded image
+sizes) into its own DOM, which ``--dump-dom`` returns; a ``--screenshot`` of the page must not be
+blank. Those two tests skip, saying why, where /usr/bin/chromium is absent. Nothing is mocked.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import html
+import io
+import json
+import math
+import random
+import re
+import shutil
+import subprocess
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from PIL import Image
+
+from msa.ensembles.leaderboard import (
+    FORMATS,
+    RANKING_SENTENCE,
+    chart_png,
+    read_board,
+    render,
+    to_csv,
+    to_html,
+    to_json,
+    to_markdown,
+    write_all,
+)
+from msa.platform.errors import MsaError
+
+MOSI_METRICS = ["acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7", "mae", "corr"]
+CLASS_METRICS = ["acc", "f1_macro", "precision_macro", "recall_macro"]
+ARROW = {"higher": "↑", "lower": "↓"}
+ESCAPED_NAME = 'mean <all & "3">'
+CHROMIUM = shutil.which("chromium", path="/usr/bin")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage"]
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless HTML check needs /usr/bin/chromium "
+                                                              "(Debian package `chromium`), not installed here")
+
+
+# --------------------------------------------------------------------------------------------
+# The document
+# --------------------------------------------------------------------------------------------
+
+
+def make_row(rng: random.Random, name: str, kind: str, metrics: list[str], sel: str, *, level: int,
+             members: list[tuple[str, float]], undefined: tuple[str, ...] = (), nan: tuple[str, ...] = (),
+             no_diff: tuple[str, ...] = (), best: bool = False, mlflow: str = "", registered: str = "") -> dict:
+    """One row with full-precision random metrics; `undefined` metrics are None, `nan` ones NaN,
+    `no_diff` metrics have no difference (None entry or None numbers), `best` has zero diffs."""
+    def value(m: str) -> float | None:
+        if m in undefined:
+            return None
+        if m in nan:
+            return math.nan
+        return rng.uniform(0.2, 1.2) if m in ("mae", "corr") else rng.uniform(40.0, 90.0)
+
+    diffs: dict = {}
+    for i, m in enumerate(metrics):
+        if best:
+            diffs[m] = {"diff": 0.0, "low": 0.0, "high": 0.0}
+        elif m in no_diff:
+            diffs[m] = None if i % 2 else {"diff": None, "low": None, "high": None}
+        else:
+            scale = 1.0 if m in ("mae", "corr") else 60.0  # accuracies and F1 are percentages
+            d = scale * rng.uniform(-0.05, 0.05)
+            diffs[m] = {"diff": d, "low": d - scale * rng.uniform(0.001, 0.03),
+                        "high": d + scale * rng.uniform(0.001, 0.03)}
+    return {
+        "name": name, "kind": kind, "stack_level": level,
+        "valid": {sel: rng.uniform(0.5, 0.9) if sel == "mae" else rng.uniform(50.0, 80.0)},
+        "valid_estimate": "cross-fitted, 5 grouped folds" if level else "valid split",
+        "test": {m: value(m) for m in metrics},
+        "test_diff": diffs,
+        "members": [{"name": n, "weight": w} for n, w in members],
+        "fit_seconds": rng.uniform(0.01, 3.0), "predict_seconds": rng.uniform(1e-4, 1e-2),
+        "mlflow_run_id": mlflow, "registered": registered,
+    }
+
+
+def ranked(rows: list[dict], sel: str, direction: str) -> list[dict]:
+    """The rows with their valid values reassigned so that the given order is the ranking."""
+    values = sorted((row["valid"][sel] for row in rows), reverse=direction == "higher")
+    return [{**row, "valid": {sel: value}} for row, value in zip(rows, values)]
+
+
+def make_board() -> dict:
+    rng = random.Random(20261125)
+    reg_best, reg_other = "baseline/3f2a1_00001", "tfn/77aa_00003"
+    regression_rows = [
+        make_row(rng, "caruana", "ensemble", MOSI_METRICS, "mae", level=1,
+                 members=[(reg_best, 0.6), (reg_other, 0.4)], mlflow="a1b2c3d4e5f6",
+                 registered="msa-ensemble-synth_regression@1"),
+        make_row(rng, "baseline seeds", "seed ensemble", MOSI_METRICS, "mae", level=1,
+                 members=[(reg_best, 1 / 3), ("baseline/3f2a1_00001_seed1", 1 / 3),
+                          ("baseline/3f2a1_00001_seed2", 1 / 3)], undefined=("acc2_non0", "f1_non0"),
+                 mlflow="0f0f0f0f"),
+        make_row(rng, reg_best, "best single", MOSI_METRICS, "mae", level=0, members=[(reg_best, 1.0)],
+                 best=True, mlflow="5e5e5e5e", registered="msa-synth_regression@3"),
+        make_row(rng, "nnls", "ensemble", MOSI_METRICS, "mae", level=1,
+                 members=[(reg_best, 0.7123456), (reg_other, 0.2876544)], nan=("corr",), no_diff=("corr", "mae")),
+        make_row(rng, reg_other, "member", MOSI_METRICS, "mae", level=0, members=[(reg_other, 1.0)],
+                 undefined=("acc7",), no_diff=("acc7",)),
+    ]
+    cls_best = "mult/9c1d_00002"
+    classification_rows = [
+        make_row(rng, cls_best, "best single", CLASS_METRICS, "acc", level=0, members=[(cls_best, 1.0)],
+                 best=True, mlflow="77cc", registered="msa-synth_classification@1"),
+        make_row(rng, ESCAPED_NAME, "ensemble", CLASS_METRICS, "acc", level=1,
+                 members=[(cls_best, 0.5), ("misa/0a0a_00000", 0.5)], undefined=("f1_macro",), mlflow="88dd"),
+        make_row(rng, "misa/0a0a_00000", "member", CLASS_METRICS, "acc", level=0,
+                 members=[("misa/0a0a_00000", 1.0)], no_diff=("acc",)),
+    ]
+    return {
+        "run_dir": "/abs/path/runs/sweeps/demo-20261125-190000",
+        "created": "2026-11-25T19:00:00Z", "protocol": "crossfit", "folds": 5, "bootstrap": 1000,
+        "datasets": [
+            {"dataset": "synth_regression", "metric_suite": "mosi", "task": "regression", "selection_metric": "mae",
+             "metrics": MOSI_METRICS, "directions": {m: ("lower" if m == "mae" else "higher") for m in MOSI_METRICS},
+             "best_single": reg_best, "rows": ranked(regression_rows, "mae", "lower")},
+            {"dataset": "synth_classification", "metric_suite": "classification", "task": "classification",
+             "selection_metric": "acc", "metrics": CLASS_METRICS, "directions": {m: "higher" for m in CLASS_METRICS},
+             "best_single": cls_best, "rows": ranked(classification_rows, "acc", "higher")},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def board() -> dict:
+    return make_board()
+
+
+def defined(value):
+    """What every rendering shows for a document value: None for None and NaN."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def diff_of(row: dict, metric: str) -> dict:
+    return row["test_diff"][metric] or {"diff": None, "low": None, "high": None}
+
+
+def fixed(value) -> str:
+    value = defined(value)
+    return "–" if value is None else f"{value:.4f}"
+
+
+def each_row(board: dict):
+    for entry in board["datasets"]:
+        for rank, row in enumerate(entry["rows"], start=1):
+            yield entry, rank, row
+
+
+# --------------------------------------------------------------------------------------------
+# Parsers for the renderings (independent of the module)
+# --------------------------------------------------------------------------------------------
+
+
+def csv_column(header: list[str], prefix: str) -> str:
+    """The one header starting with `prefix` followed by a space (``test_mae`` -> ``test_mae (...)``)."""
+    matches = [h for h in header if h.startswith(prefix + " (")]
+    assert len(matches) == 1, (prefix, matches)
+    return matches[0]
+
+
+def csv_number(cell: str):
+    return None if cell == "" else float(cell)
+
+
+def markdown_tables(text: str) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """``## <dataset>`` -> (header cells, body rows' cells) of the table in that section."""
+    tables: dict[str, tuple[list[str], list[list[str]]]] = {}
+    section = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+        elif line.startswith("|") and section is not None:
+            cells = [c.strip() for c in line.strip()[1:-1].split("|")]
+            if section not in tables:
+                tables[section] = (cells, [])
+            elif not all(set(c) <= set("-:") for c in cells):
+                tables[section][1].append(cells)
+    return tables
+
+
+# --------------------------------------------------------------------------------------------
+# CSV, JSON and Markdown agree with the document
+# --------------------------------------------------------------------------------------------
+
+
+def test_csv_json_markdown_hold_the_same_numbers(board):
+    csv_rows = list(csv.DictReader(io.StringIO(to_csv(board))))
+    csv_header = list(csv_rows[0].keys())
+    parsed = json.loads(to_json(board))
+    md = markdown_tables(to_markdown(board))
+
+    assert [(r["dataset"], r["rank"], r["name"]) for r in csv_rows] == [
+        (e["dataset"], str(rank), row["name"]) for e, rank, row in each_row(board)]
+    assert set(md) == {e["dataset"] for e in board["datasets"]}
+    checked = 0
+    for (entry, rank, row), csv_row in zip(each_row(board), csv_rows):
+        sel = entry["selection_metric"]
+        json_row = next(d for d in parsed["datasets"] if d["dataset"] == entry["dataset"])["rows"][rank - 1]
+        md_header, md_rows = md[entry["dataset"]]
+        md_row = dict(zip(md_header, md_rows[rank - 1], strict=True))
+        assert len(md_rows) == len(entry["rows"])
+        assert (md_row["rank"], md_row["name"], md_row["kind"], md_row["level"]) == (
+            str(rank), row["name"], row["kind"], str(row["stack_level"]))
+        assert (csv_row["kind"], int(csv_row["stack_level"])) == (row["kind"], row["stack_level"])
+        assert json_row["name"] == row["name"] and json_row["kind"] == row["kind"]
+
+        # the valid selection metric
+        expected = defined(row["valid"][sel])
+        assert csv_number(csv_row[csv_column(csv_header, f"valid_{sel}")]) == expected
+        assert json_row["valid"][sel] == expected
+        assert md_row[f"valid {sel} {ARROW[entry['directions'][sel]]}"] == fixed(expected)
+
+        for m in entry["metrics"]:
+            expected = defined(row["test"][m])
+            assert csv_number(csv_row[csv_column(csv_header, f"test_{m}")]) == expected, (row["name"], m)
+            assert json_row["test"][m] == expected, (row["name"], m)
+            assert md_row[f"test {m} {ARROW[entry['directions'][m]]}"] == fixed(expected), (row["name"], m)
+            want = {k: defined(v) for k, v in diff_of(row, m).items()}
+            got_csv = {k: csv_number(csv_row[f"diff_{m}{suffix}"])
+                       for k, suffix in (("diff", ""), ("low", "_low"), ("high", "_high"))}
+            assert got_csv == want, (row["name"], m)
+            assert (json_row["test_diff"][m] or {"diff": None, "low": None, "high": None}) == want
+            checked += 1
+
+        # the difference on the selection metric, Markdown: "d [low, high]"
+        cell = md_row[f"Δ{sel} vs best single [95% CI]"]
+        want = diff_of(row, sel)
+        if defined(want["diff"]) is None:
+            assert cell == "–"
+        else:
+            assert cell == f"{fixed(want['diff'])} [{fixed(want['low'])}, {fixed(want['high'])}]"
+            match = re.fullmatch(r"(-?\d+\.\d{4}) \[(-?\d+\.\d{4}), (-?\d+\.\d{4})\]", cell)
+            assert match and abs(float(match[1]) - want["diff"]) <= 5e-5
+
+        for key, column in (("fit_seconds", "fit s"), ("predict_seconds", "predict s")):
+            assert csv_number(csv_row[key]) == row[key] == json_row[key]
+            assert md_row[column] == f"{row[key]:.4f}"
+    assert checked == sum(len(e["metrics"]) * len(e["rows"]) for e in board["datasets"])
+
+
+def test_csv_numbers_are_full_precision_and_lacking_metrics_are_empty(board):
+    rows = list(csv.DictReader(io.StringIO(to_csv(board))))
+    caruana = rows[0]
+    value = board["datasets"][0]["rows"][0]["test"]["mae"]
+    assert caruana["test_mae (lower is better)"] == repr(value) and float(repr(value)) == value
+    # the union of columns: a classification row has no MOSI metric and vice versa
+    classification = rows[-1]
+    assert classification["dataset"] == "synth_classification"
+    assert classification["test_mae (lower is better)"] == "" and classification["diff_corr_high"] == ""
+    assert classification["valid_mae (lower is better)"] == ""
+    assert caruana["test_acc (higher is better)"] == "" and caruana["valid_acc (higher is better)"] == ""
+
+
+def test_members_mlflow_and_registered_agree(board):
+    csv_rows = list(csv.DictReader(io.StringIO(to_csv(board))))
+    parsed = json.loads(to_json(board))
+    json_rows = [row for d in parsed["datasets"] for row in d["rows"]]
+    md = markdown_tables(to_markdown(board))
+    for (entry, rank, row), csv_row, json_row in zip(each_row(board), csv_rows, json_rows, strict=True):
+        header, md_rows = md[entry["dataset"]]
+        md_row = dict(zip(header, md_rows[rank - 1]))
+        members = [(m["name"], m["weight"]) for m in row["members"]]
+
+        assert json_row["members"] == row["members"]
+        from_csv = [item.rsplit(":", 1) for item in csv_row["members"].split("; ")]
+        assert [name for name, _ in from_csv] == [name for name, _ in members]
+        assert [w for _, w in from_csv] == [f"{w:.4f}" for _, w in members]
+        from_md = [item.rsplit(" ", 1) for item in md_row["members"].split("; ")]
+        assert [(name, float(w)) for name, w in from_md] == [(n, round(w, 4)) for n, w in members]
+
+        assert csv_row["registered"] == json_row["registered"] == row["registered"]
+        assert md_row["registered"] == (row["registered"] or "–")
+        assert csv_row["mlflow_run_id"] == json_row["mlflow_run_id"] == row["mlflow_run_id"]
+        assert md_row["MLflow run"] == (row["mlflow_run_id"] or "–")
+        assert csv_row["valid_estimate"] == md_row["valid estimate"] == row["valid_estimate"]
+    best = board["datasets"][0]["rows"][2]
+    assert best["kind"] == "best single" and csv_rows[2]["members"] == f"{best['name']}:1.0000"
+
+
+# --------------------------------------------------------------------------------------------
+# Direction labels and the Markdown header
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_csv_metric_header_names_its_direction(board):
+    header = next(csv.reader(io.StringIO(to_csv(board))))
+    directions = {}
+    for entry in board["datasets"]:
+        directions.update(entry["directions"])
+    labelled = [h for h in header if h.startswith(("valid_", "test_")) and h != "valid_estimate"]
+    assert len(labelled) == len(MOSI_METRICS) + len(CLASS_METRICS) + 2  # test metrics + valid mae, valid acc
+    for column in labelled:
+        match = re.fullmatch(r"(valid|test)_(\w+) \((higher|lower) is better\)", column)
+        assert match, column
+        assert match[3] == directions[match[2]], column
+    assert "test_mae (lower is better)" in header and "test_corr (higher is better)" in header
+    assert "valid_mae (lower is better)" in header and "valid_acc (higher is better)" in header
+    for m in directions:
+        assert {f"diff_{m}", f"diff_{m}_low", f"diff_{m}_high"} <= set(header)
+
+
+def test_markdown_headers_carry_arrows_and_the_page_explains_them(board):
+    text = to_markdown(board)
+    tables = markdown_tables(text)
+    for entry in board["datasets"]:
+        header, _ = tables[entry["dataset"]]
+        sel = entry["selection_metric"]
+        assert f"valid {sel} {ARROW[entry['directions'][sel]]}" in header
+        for m in entry["metrics"]:
+            expected = f"test {m} {ARROW[entry['directions'][m]]}"
+            wrong = f"test {m} {ARROW['lower' if entry['directions'][m] == 'higher' else 'higher']}"
+            assert expected in header and wrong not in header
+        assert header[:4] == ["rank", "name", "kind", "level"]
+        assert f"Δ{sel} vs best single [95% CI]" in header
+        assert header[-6:] == [f"Δ{sel} vs best single [95% CI]", "members", "fit s", "predict s",
+                               "MLflow run", "registered"]
+    assert "test mae ↓" in tables["synth_regression"][0] and "test corr ↑" in tables["synth_regression"][0]
+    assert RANKING_SENTENCE == "Ranked by the valid selection metric; test is scored once, after everything is fixed."
+    assert RANKING_SENTENCE in text
+    assert "↑ higher is better, ↓ lower is better" in text and "95% interval" in text
+    for fact in (board["run_dir"], board["protocol"], board["created"]):
+        assert fact in text
+    assert re.search(r"Folds: 5\b", text)
+    assert text.index("## synth_regression") < text.index("## synth_classification")
+
+
+def test_json_writes_nan_as_null_and_is_strict_json(board):
+    text = to_json(board)
+    assert "NaN" not in text and "Infinity" not in text
+    parsed = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    nnls = parsed["datasets"][0]["rows"][3]
+    assert nnls["name"] == "nnls" and nnls["test"]["corr"] is None
+    assert text.startswith('{\n  "run_dir"')
+    # numpy scalars (what a meta-learner hands back) are written as plain numbers
+    numpy_board = json.loads(to_json({**board, "folds": np.int64(5), "bootstrap": np.float32(1000.0)}))
+    assert numpy_board["folds"] == 5 and numpy_board["bootstrap"] == 1000.0
+
+
+# --------------------------------------------------------------------------------------------
+# Files, dispatch, errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_write_all_writes_four_files_atomically_and_read_board_round_trips(board, tmp_path):
+    folder = tmp_path / "out" / "leaderboard"
+    paths = write_all(board, folder)
+    assert set(paths) == set(FORMATS)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["leaderboard.csv", "leaderboard.md", "leaderboard.json", "leaderboard.html"])  # no *.partial left
+    for fmt, path in paths.items():
+        assert path.parent == folder
+        assert path.read_bytes() == render(board, fmt).encode("utf-8")  # CSV keeps its \r\n
+    again = read_board(paths["json"])
+    assert again == json.loads(to_json(board))
+    for fmt in FORMATS:
+        assert render(again, fmt) == render(board, fmt)
+
+    custom = write_all(board, folder, stem="final")
+    assert {p.name for p in custom.values()} == {"final.csv", "final.md", "final.json", "final.html"}
+    assert len(list(folder.iterdir())) == 8
+
+
+def test_write_all_writes_nothing_when_a_rendering_fails(tmp_path):
+    broken = make_board()
+    del broken["datasets"][1]["rows"][0]["test"]  # a bug in the producer: KeyError in every renderer
+    with pytest.raises(KeyError):
+        write_all(broken, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_render_dispatches_and_refuses_an_unknown_format(board):
+    assert render(board, "csv") == to_csv(board)
+    assert render(board, "md") == to_markdown(board)
+    assert render(board, "json") == to_json(board)
+    assert render(board, "html") == to_html(board)
+    with pytest.raises(MsaError) as error:
+        render(board, "xlsx")
+    message = str(error.value)
+    assert "\n" not in message and "'xlsx'" in message
+    assert all(fmt in message for fmt in FORMATS)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "not found"),
+    (b'{"run_dir": "/x", "datasets": [', "not valid JSON"),
+    (b"\xff\xfe garbage", "cannot read"),
+    (b"[1, 2, 3]", "expected a JSON object"),
+    (b'{"run_dir": "/x", "created": "", "protocol": "oof", "folds": 5, "bootstrap": 0}', "missing datasets"),
+    (b'{"run_dir": "/x", "created": "", "protocol": "oof", "folds": 5, "bootstrap": 0, '
+     b'"datasets": [{"dataset": "d"}]}', "datasets[0] is missing"),
+])
+def test_read_board_refuses_a_missing_or_garbled_file(tmp_path, content, reason):
+    path = tmp_path / "leaderboard.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(MsaError) as error:
+        read_board(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and reason in message
+
+
+def test_read_board_refuses_a_row_without_its_keys_or_a_bad_direction(board, tmp_path):
+    path = tmp_path / "leaderboard.json"
+    broken = json.loads(to_json(board))
+    del broken["datasets"][1]["rows"][2]["registered"]
+    path.write_text(json.dumps(broken))
+    with pytest.raises(MsaError, match=r"datasets\[1\]\.rows\[2\] is missing registered"):
+        read_board(path)
+    broken = json.loads(to_json(board))
+    broken["datasets"][0]["directions"]["corr"] = "up"
+    path.write_text(json.dumps(broken))
+    with pytest.raises(MsaError, match=r"directions\['corr'\] must be one of higher, lower"):
+        read_board(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Chart
+# --------------------------------------------------------------------------------------------
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+def test_chart_png_is_a_png_with_content_and_closes_its_figure(board):
+    figures_before = plt.get_fignums()
+    for entry in board["datasets"]:
+        data = chart_png(entry)
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        pixels = png_pixels(data)
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 400
+        assert (pixels.min(axis=2) < 200).mean() > 0.01  # bars, text and axes, not a blank canvas
+    assert plt.get_fignums() == figures_before
+
+    # more plotted rows give a taller chart; a dataset without any difference still draws
+    regression = board["datasets"][0]
+    plotted = sum(defined(diff_of(r, "mae")["diff"]) is not None for r in regression["rows"])
+    assert plotted == 4  # nnls has no mae difference
+    few = {**regression, "rows": regression["rows"][:1]}
+    assert png_pixels(chart_png(few)).shape[0] < png_pixels(chart_png(regression)).shape[0]
+    empty = {**regression, "rows": [regression["rows"][3]]}  # nnls: its mae diff is undefined
+    assert chart_png(empty).startswith(b"\x89PNG")
+    assert plt.get_fignums() == figures_before
+
+
+# --------------------------------------------------------------------------------------------
+# HTML, checked by what headless Chromium renders
+# --------------------------------------------------------------------------------------------
+
+
+def test_html_is_self_contained_and_escapes_text(board):
+    page = to_html(board)
+    assert page.startswith("<!DOCTYPE html>")
+    assert "<script" not in page.lower()
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", page)  # every resource is inline
+    assert "url(" not in page and "@import" not in page
+    assert html.escape(ESCAPED_NAME) in page and ESCAPED_NAME not in page
+    assert page.count('src="data:image/png;base64,') == len(board["datasets"])
+    assert page.count("<table>") == len(board["datasets"])
+    assert RANKING_SENTENCE in page
+
+
+CHECKER = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>checker</title></head><body>
+<pre id="result">pending</pre>
+<iframe id="board" src="leaderboard.html" style="width:1400px;height:1000px"></iframe>
+<script>
+const frame = document.getElementById("board");
+frame.addEventListener("load", async () => {
+  const doc = frame.contentDocument;
+  const images = Array.from(doc.images);
+  const decoded = await Promise.all(images.map(img => img.decode().then(() => true, () => false)));
+  const text = node => node.textContent.trim();
+  const result = {
+    title: doc.title,
+    h2: Array.from(doc.querySelectorAll("h2")).map(text),
+    tables: Array.from(doc.querySelectorAll("table")).map(table => ({
+      headers: Array.from(table.querySelectorAll("thead th")).map(text),
+      bodyRows: table.tBodies[0].rows.length,
+      cells: Array.from(table.tBodies[0].rows).map(row => Array.from(row.cells).map(text)),
+      width: table.getBoundingClientRect().width,
+    })),
+    images: images.map((img, i) => ({decoded: decoded[i], complete: img.complete, alt: img.alt,
+                                      naturalWidth: img.naturalWidth, naturalHeight: img.naturalHeight})),
+    scripts: doc.scripts.length,
+    bodyText: doc.body.innerText,
+  };
+  document.getElementById("result").textContent = JSON.stringify(result);
+});
+</script>
+</body></html>
+"""
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    requested: list[str]
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.requested.append(self.path)
+        super().do_GET()
+
+
+@pytest.fixture
+def served_board(board, tmp_path):
+    """The leaderboard page and a checker page served on 127.0.0.1; yields (base URL, requested paths)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    write_all(board, site)
+    (site / "check.html").write_text(CHECKER, encoding="utf-8")
+    requested: list[str] = []
+    handler = type("Handler", (QuietHandler,), {"requested": requested})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def run_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / "chromium-profile"
+    command = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+@needs_chromium
+def test_html_renders_in_headless_chromium(board, served_board, tmp_path):
+    base, requested = served_board
+    done = run_chromium(tmp_path, "--virtual-time-budget=15000", "--dump-dom", f"{base}/check.html")
+    assert done.returncode == 0, done.stderr[-2000:]
+    match = re.search(r'<pre id="result">(.*?)</pre>', done.stdout, re.DOTALL)
+    assert match, f"no result element in Chromium's DOM dump: {done.stdout[:500]!r} {done.stderr[-1000:]}"
+    assert match[1] != "pending", "the checker never saw the leaderboard load"
+    seen = json.loads(html.unescape(match[1]))
+
+    assert seen["scripts"] == 0
+    assert seen["h2"] == [e["dataset"] for e in board["datasets"]]
+    assert len(seen["tables"]) == len(board["datasets"])
+    for entry, table in zip(board["datasets"], seen["tables"]):
+        assert table["bodyRows"] == len(entry["rows"])
+        assert table["width"] > 0
+        sel = entry["selection_metric"]
+        assert f"valid {sel} {ARROW[entry['directions'][sel]]}" in table["headers"]
+        assert [f"test {m} {ARROW[entry['directions'][m]]}" for m in entry["metrics"]] == [
+            h for h in table["headers"] if h.startswith("test ")]
+        assert [row[1] for row in table["cells"]] == [row["name"] for row in entry["rows"]]
+        for cells, row in zip(table["cells"], entry["rows"]):
+            shown = dict(zip(table["headers"], cells))
+            for m in entry["metrics"]:
+                assert shown[f"test {m} {ARROW[entry['directions'][m]]}"] == fixed(row["test"][m])
+    assert ESCAPED_NAME in [row[1] for row in seen["tables"][1]["cells"]]  # escaped in the source, shown as is
+
+    assert len(seen["images"]) == len(board["datasets"])
+    for image, entry in zip(seen["images"], board["datasets"]):
+        expected = png_pixels(chart_png(entry)).shape
+        assert image["decoded"] and image["complete"], image
+        assert (image["naturalHeight"], image["naturalWidth"]) == expected[:2]
+        assert entry["dataset"] in image["alt"] and entry["selection_metric"] in image["alt"]
+    assert RANKING_SENTENCE in seen["bodyText"]
+    # the page fetched nothing but itself (the favicon is Chromium's own request)
+    assert set(requested) - {"/favicon.ico"} == {"/check.html", "/leaderboard.html"}
+
+
+@needs_chromium
+def test_html_screenshot_is_not_blank(served_board, tmp_path):
+    base, _ = served_board
+    shot = tmp_path / "leaderboard.png"
+    done = run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,1000", "--hide-scrollbars",
+                        f"{base}/leaderboard.html")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert shot.is_file(), done.stderr[-2000:]
+    pixels = png_pixels(shot.read_bytes())
+    assert pixels.shape[:2] == (1000, 1400)
+    dark = pixels.min(axis=2) < 128
+    assert dark.mean() > 0.005, "the screenshot is (almost) blank"
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # text, table shading, chart colours
