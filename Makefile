@@ -1,13 +1,14 @@
 # One-command entry points. Both create .venv and install the pinned stack first.
-#   make demo   install, then run the main job end to end: the sweep in sweeps/demo.yaml
-#   make test   install, then run the test suite
+#   make demo   install, then run the main job end to end: sweep, ensembles, leaderboard (runs/demo/)
+#   make test   install, then run the test suite (with Debian's chromium, when it can be installed,
+#               for the test that renders the HTML leaderboard)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Strict editable installs link each module file; a new module needs a re-install.
 SOURCES := pyproject.toml constraints.txt $(shell find platform models ensembles search_spaces -name '*.py' -o -name '*.yaml' 2>/dev/null)
 
-.PHONY: install demo test clean
+.PHONY: install browser demo test clean
 
 install: $(VENV)/.installed
 
@@ -19,9 +20,16 @@ $(VENV)/.installed: $(SOURCES)
 	touch $@
 
 demo: install
-	$(BIN)/msa sweep sweeps/demo.yaml
+	$(BIN)/msa run sweeps/demo.yaml --export runs/demo
 
-test: install
+# Headless Chromium renders the HTML leaderboard in a test; installed as root where apt-get exists,
+# otherwise that test skips and says why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the HTML rendering test will skip"
+
+test: install browser
 	$(BIN)/python -m pytest
 
 clean:

@@ -186,28 +186,28 @@ def _fingerprint(member: Member) -> str | None:
 
 
 def _member_row(member: Member, number: int, valid: PredictionMatrix, test: PredictionMatrix, best: Member) -> Row:
-    history = member.candidate.folder / "history.csv"
-    with history.open(newline="") as handle:
-        seconds = sum(float(row.get("epoch_seconds") or 0.0) for row in csv.DictReader(handle))
     return Row(name=member.name, kind="best single" if member is best else "member", stack_level=0,
                valid_prediction=valid.predictions[:, number], test_prediction=test.predictions[:, number],
                valid_estimate="selected epoch (early stopping on valid)", members=[(member.name, 1.0)],
                groups=[[member.candidate.folder]], combiner={"kind": "weighted", "weights": [1.0], "intercept": 0.0},
-               fit_seconds=seconds, predict_seconds=None, mlflow_run_id=member.candidate.mlflow_run_id)
+               fit_seconds=_training_seconds(member), predict_seconds=None, mlflow_run_id=member.candidate.mlflow_run_id)
+
+
+def _training_seconds(member: Member) -> float:
+    """Seconds the member's training spent in its epochs (its history.csv)."""
+    with (member.candidate.folder / "history.csv").open(newline="") as handle:
+        return sum(float(row.get("epoch_seconds") or 0.0) for row in csv.DictReader(handle))
 
 
 def _seed_row(seeds: list[Member], count: int) -> Row:
     valid, test = prediction_matrix(seeds, "valid"), prediction_matrix(seeds, "test")
-    seconds = 0.0
-    for member in seeds[1:]:  # the retrained ones; the original's time is on its own row
-        with (member.candidate.folder / "history.csv").open(newline="") as handle:
-            seconds += sum(float(row.get("epoch_seconds") or 0.0) for row in csv.DictReader(handle))
     return Row(name=f"seed ensemble ({count} seeds)", kind="seed ensemble", stack_level=1,
                valid_prediction=valid.predictions.mean(axis=1), test_prediction=test.predictions.mean(axis=1),
                valid_estimate="average of seeds, each selected by early stopping on valid",
                members=[(m.name, 1.0 / len(seeds)) for m in seeds], groups=[[m.candidate.folder for m in seeds]],
-               combiner={"kind": "weighted", "weights": [1.0], "intercept": 0.0}, fit_seconds=seconds,
-               predict_seconds=None)
+               combiner={"kind": "weighted", "weights": [1.0], "intercept": 0.0},
+               # the retrained seeds' training; the original's is on its own row
+               fit_seconds=sum(_training_seconds(m) for m in seeds[1:]), predict_seconds=None)
 
 
 def _crossfit(learners, members: list[Member], valid: PredictionMatrix, options: EnsembleConfig):

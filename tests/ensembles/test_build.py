@@ -1,0 +1,268 @@
+"""`msa ensemble`, `msa leaderboard` and the registered ensemble, end to end on a real sweep.
+
+One sweep (baseline and TFN on synthetic regression and 20-class classification, 2 trials each,
+real Ray, DeepSpeed and MLflow) runs once for the module; each test reads it or a copy of it."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from msa.ensembles.members import DatasetCache, load_member, read_predictions, sweep_candidates
+from msa.ensembles.retrain import retrain
+from msa.platform.cli import main
+from msa.platform.metrics import METRIC_MODES, compute_metrics
+from msa.platform.readers import load_dataset
+from msa.platform.sweep import run_sweep
+from msa.platform.sweep_config import load_sweep_config
+from msa.platform.tracking import ROLE_TAG, TRIAL_TAG
+
+DATASETS = ("synth_classification", "synth_regression")
+FAST = ["--seeds", "2", "--folds", "3", "--bootstrap", "200"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(ray_runtime, tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("ensembled")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "ensembled", "storage": str(tmp_path / "sweeps"), "datasets": list(DATASETS),
+        "models": ["baseline", "tfn"], "budget": {"trials_per_pair": 2, "max_epochs": 3},
+        "search": {"seed": 0, "scheduler": "none"}, "resources": {"workers_per_trial": 1, "max_concurrent_trials": 2},
+        "train": {"patience": 3},
+    }))
+    rows = run_sweep(load_sweep_config(path))
+    assert sum(r["complete"] for r in rows) == 8
+    return Path(rows[0]["run_dir"])
+
+
+@pytest.fixture(scope="module")
+def board(run_dir) -> dict:
+    assert main(["ensemble", str(run_dir), "--top-k", "2", *FAST]) == 0
+    return json.loads((run_dir / "ensembles" / "leaderboard.json").read_text())
+
+
+def entry_of(board: dict, dataset: str) -> dict:
+    return next(e for e in board["datasets"] if e["dataset"] == dataset)
+
+
+def stored_test_predictions(run_dir: Path, member: str, task: str) -> np.ndarray:
+    model, trial = member.split("/")
+    (folder,) = (run_dir / "trials").glob(f"{model}-*/{trial}")
+    return read_predictions(folder / "predictions_test.csv", task)[2]
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_leaderboard_ranks_members_baselines_and_every_learner_on_valid(board, run_dir, dataset):
+    entry = entry_of(board, dataset)
+    metric, task = entry["selection_metric"], entry["task"]
+    rows = entry["rows"]
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("member") == 3 and kinds.count("best single") == 1 and kinds.count("seed ensemble") == 1
+    learners = {"regression": {"mean", "nnls", "ridge", "caruana"}, "classification": {"mean", "nnls", "logistic", "caruana"}}
+    assert {r["name"] for r in rows if r["kind"] == "ensemble"} == learners[task]
+    # Ranked by the valid selection metric, in its direction.
+    valid = [r["valid"][metric] for r in rows]
+    assert valid == sorted(valid, reverse=METRIC_MODES[metric] == "max")
+    # The best single model is the member with the best valid score, and its difference is 0.
+    singles = [r for r in rows if r["stack_level"] == 0]
+    best = next(r for r in rows if r["kind"] == "best single")
+    assert best["valid"][metric] == (min if METRIC_MODES[metric] == "min" else max)(r["valid"][metric] for r in singles)
+    assert best["name"] == entry["best_single"]
+    assert best["test_diff"][metric] == {"diff": 0.0, "low": 0.0, "high": 0.0}
+    # Members' test numbers are those of their own stored predictions.
+    dataset_file = load_dataset(run_dir / "data" / f"{dataset}.pkl")
+    truth = dataset_file.splits["test"].labels
+    for row in singles:
+        expected = compute_metrics(entry["metric_suite"], stored_test_predictions(run_dir, row["name"], task), truth)
+        assert row["test"][metric] == pytest.approx(expected[metric])
+        assert row["test_diff"][metric]["diff"] == pytest.approx(expected[metric] - best["test"][metric])
+    for row in rows:
+        diff = row["test_diff"][metric]
+        assert diff["low"] <= diff["diff"] <= diff["high"]
+        weights = [m["weight"] for m in row["members"]]
+        if row["name"] in ("mean", "caruana") or row["stack_level"] == 0 or row["kind"] == "seed ensemble":
+            assert sum(weights) == pytest.approx(1.0, abs=1e-6)
+        if row["name"] in ("nnls", "caruana"):
+            assert min(weights) >= 0
+    # Every stacked row says how its valid number was obtained: cross-fitted, not in-sample.
+    assert all("cross-fitted" in r["valid_estimate"] for r in rows if r["kind"] == "ensemble")
+
+
+def test_ensembles_are_logged_and_the_best_is_registered(board, run_dir, tracking_store):
+    with tracking_store(run_dir) as mlflow_client:
+        experiment = mlflow_client.get_experiment_by_name(run_dir.name)
+        runs = mlflow_client.search_runs([experiment.experiment_id])
+        (parent,) = [r for r in runs if r.data.tags[ROLE_TAG] == "ensembles"]
+        children = [r for r in runs if r.data.tags[ROLE_TAG] == "ensemble"]
+        assert {c.data.tags["dataset"] for c in children} == set(DATASETS)
+        assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+        files = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "leaderboard")}
+        assert files == {f"leaderboard/leaderboard.{ext}" for ext in ("csv", "md", "json", "html")}
+        trial_ids = {r.info.run_id: r.data.tags[TRIAL_TAG] for r in runs if r.data.tags[ROLE_TAG] == "trial"}
+        for entry in board["datasets"]:
+            child = next(c for c in children if c.data.tags["dataset"] == entry["dataset"])
+            stacked = [r for r in entry["rows"] if r["stack_level"] == 1]
+            best = stacked[0]  # rows are ranked: the first stacked row is the best ensemble on valid
+            assert best["registered"] == f"msa-ensemble-{entry['dataset']}@1"
+            assert all(r["registered"] == "" for r in stacked[1:])
+            assert all(r["mlflow_run_id"] == child.info.run_id for r in stacked)
+            key = best["name"].replace("(", "_").replace(")", "_")
+            metric = entry["selection_metric"]
+            assert child.data.metrics[f"{key}.test_{metric}"] == pytest.approx(best["test"][metric])
+            version = mlflow_client.get_model_version_by_alias(f"msa-ensemble-{entry['dataset']}", "champion")
+            assert version.run_id == child.info.run_id and version.tags["ensemble"] == best["name"]
+            for row in entry["rows"]:
+                if row["stack_level"] == 0:  # members link to their own trial runs
+                    assert trial_ids[row["mlflow_run_id"]] == row["name"].split("/")[1]
+
+
+def test_msa_predict_with_the_registered_ensemble_reproduces_its_test_score(board, run_dir, tmp_path, capsys):
+    dataset = "synth_classification"
+    entry = entry_of(board, dataset)
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", "--model", f"models:/msa-ensemble-{dataset}@champion", "--run-dir", str(run_dir),
+                 "--data", str(run_dir / "data" / f"{dataset}.pkl"), "--out", str(out)]) == 0
+    _, labels, probabilities = read_predictions_with_split(out)
+    best = next(r for r in entry["rows"] if r["stack_level"] == 1)
+    metrics = compute_metrics("classification", probabilities, labels)
+    assert metrics == pytest.approx(best["test"])
+    assert np.allclose(probabilities.sum(axis=1), 1.0)
+
+
+def read_predictions_with_split(path: Path):
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = [c for c in rows[0] if c.startswith("prob_")]
+    return ([r["id"] for r in rows], np.asarray([int(r["label"]) for r in rows]),
+            np.asarray([[float(r[c]) for c in columns] for r in rows]))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "md", "json", "html"])
+def test_msa_leaderboard_exports_each_format(board, run_dir, tmp_path, fmt):
+    out = tmp_path / f"board.{fmt}"
+    assert main(["leaderboard", str(run_dir), "--format", fmt, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text == (run_dir / "ensembles" / f"leaderboard.{fmt}").read_text()
+    for entry in board["datasets"]:
+        assert entry["dataset"] in text
+
+
+def test_out_of_fold_protocol_stacks_on_retrained_fold_models(board, run_dir, tmp_path):
+    out = tmp_path / "oof"
+    assert main(["ensemble", str(run_dir), "--top-k", "1", "--protocol", "oof", "--learners", "mean,nnls",
+                 "--out", str(out), "--no-register", *FAST]) == 0
+    oof_board = json.loads((out / "leaderboard.json").read_text())
+    assert oof_board["protocol"] == "oof"
+    entry = entry_of(oof_board, "synth_regression")
+    combiners = json.loads((out / "synth_regression" / "combiners.json").read_text())
+    mean = next(r for r in entry["rows"] if r["name"] == "mean")
+    assert "out-of-fold" in mean["valid_estimate"]
+    # Each member column is its 3 fold models (trained on train+valid folds), averaged on test.
+    groups = [[Path(p) for p in group] for group in combiners["mean"]["groups"]]
+    assert [len(g) for g in groups] == [3, 3]
+    columns = [np.mean([read_predictions(f / "predictions_test.csv", "regression")[2] for f in g], axis=0) for g in groups]
+    truth = load_dataset(run_dir / "data" / "synth_regression.pkl").splits["test"].labels
+    assert compute_metrics("mosi", np.mean(columns, axis=0), truth)["mae"] == pytest.approx(mean["test"]["mae"])
+    fold_config = yaml.safe_load((groups[0][0] / "config.yaml").read_text())
+    trial_folder = next(p for p in sweep_candidates(run_dir) if p.name == entry["best_single"]).folder
+    assert fold_config["epochs"] == json.loads((trial_folder / "metrics.json").read_text())["best_epoch"]
+    assert (out / "synth_regression" / "seeds").is_dir()
+
+
+def test_members_can_come_from_an_mlflow_experiment(board, run_dir, tmp_path):
+    from msa.platform.mlflow_server import MlflowServer
+
+    out = tmp_path / "from-mlflow"
+    with MlflowServer(run_dir) as server:
+        assert main(["ensemble", "--experiment", run_dir.name, "--tracking-uri", server.uri, "--out", str(out),
+                     "--top-k", "2", "--learners", "mean", "--no-register", *FAST]) == 0
+    from_mlflow = json.loads((out / "leaderboard.json").read_text())
+    for dataset in DATASETS:
+        ours, theirs = entry_of(from_mlflow, dataset), entry_of(board, dataset)
+        singles = {r["name"]: r["test"] for r in theirs["rows"] if r["stack_level"] == 0}
+        assert {r["name"]: r["test"] for r in ours["rows"] if r["stack_level"] == 0} == singles
+        assert next(r for r in ours["rows"] if r["name"] == "mean")["test"] == \
+            next(r for r in theirs["rows"] if r["name"] == "mean")["test"]
+    assert len(list((out / "checkpoints").glob("*/*/model.pt"))) == 8  # every finished trial's checkpoint
+
+
+def test_a_retrain_already_done_is_reused(run_dir, tmp_path):
+    (candidate,) = [c for c in sweep_candidates(run_dir) if c.dataset == "synth_regression"][:1]
+    dataset = load_dataset(run_dir / "data" / "synth_regression.pkl")
+    out = retrain(candidate.folder, dataset, tmp_path / "again", seed=7)
+    stamp = (out / "model.pt").stat().st_mtime_ns
+    assert retrain(candidate.folder, dataset, tmp_path / "again", seed=7) == out
+    assert (out / "model.pt").stat().st_mtime_ns == stamp
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 7
+
+
+def test_missing_predictions_are_recomputed_from_the_checkpoint(run_dir, tmp_path):
+    candidate = sweep_candidates(run_dir)[0]
+    stored = load_member(candidate, DatasetCache())
+    copy = tmp_path / "trial"
+    shutil.copytree(candidate.folder, copy)
+    (copy / "predictions_test.csv").unlink()
+    from dataclasses import replace
+
+    recomputed = load_member(replace(candidate, folder=copy), DatasetCache())
+    assert recomputed.recomputed and not stored.recomputed
+    assert recomputed.ids["test"] == stored.ids["test"]
+    assert np.allclose(recomputed.predictions["test"], stored.predictions["test"], atol=1e-6)
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path) -> Path:
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("ensembles", "ray", "train"))
+    # Trial configs point at the original's data file; that is fine for these checks.
+    return copy
+
+
+def first_trial(run_copy: Path, model: str = "baseline", dataset: str = "synth_regression") -> Path:
+    return sorted((run_copy / "trials" / f"{model}-{dataset}").iterdir())[0]
+
+
+def assert_refused(args: list[str], run_copy: Path, capsys, message: str) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (run_copy / "ensembles").exists()  # nothing written
+
+
+def test_a_modified_checkpoint_is_refused(run_copy, capsys):
+    trial = first_trial(run_copy)
+    with (trial / "model.pt").open("ab") as handle:
+        handle.write(b"tampered")
+    assert_refused(["ensemble", str(run_copy), "--top-k", "2"], run_copy, capsys,
+                   f"member baseline/{trial.name}: SHA-256 of")
+
+
+def test_members_with_different_clips_are_refused(run_copy, capsys):
+    trial = first_trial(run_copy, "tfn")
+    lines = (trial / "predictions_valid.csv").read_text().splitlines()
+    (trial / "predictions_valid.csv").write_text("\n".join(lines[:-1]) + "\n")
+    assert_refused(["ensemble", str(run_copy), "--top-k", "2"], run_copy, capsys,
+                   f"member tfn/{trial.name} predicts other valid clips")
+
+
+def test_top_k_above_the_finished_trials_is_refused(run_copy, capsys):
+    assert_refused(["ensemble", str(run_copy), "--top-k", "3"], run_copy, capsys,
+                   "top_k 3 is larger than the 2 finished trials of model baseline")
+
+
+def test_a_run_without_finished_trials_is_refused(run_copy, capsys):
+    shutil.rmtree(run_copy / "optuna")
+    (run_copy / "optuna").mkdir()
+    assert_refused(["ensemble", str(run_copy)], run_copy, capsys, "no finished trial with a checkpoint")
+
+
+def test_bad_ensemble_options_are_refused(run_copy, capsys):
+    assert_refused(["ensemble", str(run_copy), "--folds", "1"], run_copy, capsys, "ensemble.folds must be >= 2")
+    assert_refused(["ensemble", str(run_copy), "--learners", "median"], run_copy, capsys, "unknown meta-learner 'median'")
+    assert_refused(["ensemble", str(run_copy.parent / "nowhere")], run_copy, capsys, "not a sweep run directory")
