@@ -341,12 +341,11 @@ def _registered_as(mlflow_client, run_id: str) -> str:
 
 
 def _register_best(uri: str, run_id: str, entry: dict[str, Any], rows: dict[str, Row], board: dict[str, Any]) -> None:
-    """Register the best ensemble (stacked or seed) by valid score as ``msa-ensemble-<dataset>``."""
+    """Register the best stacked ensemble by its cross-fitted valid score as ``msa-ensemble-<dataset>``
+    (the seed ensemble is the baseline it is measured against, not a candidate)."""
     from msa.ensembles.ensemble_model import register_ensemble
 
-    best = next((row for row in entry["rows"] if row["stack_level"] == 1), None)
-    if best is None:
-        return
+    best = next(row for row in entry["rows"] if row["kind"] == "ensemble")
     row = rows[best["name"]]
     metric = entry["selection_metric"]
     name = f"msa-ensemble-{entry['dataset']}"

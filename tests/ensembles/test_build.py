@@ -108,9 +108,11 @@ def test_ensembles_are_logged_and_the_best_is_registered(board, run_dir, trackin
         for entry in board["datasets"]:
             child = next(c for c in children if c.data.tags["dataset"] == entry["dataset"])
             stacked = [r for r in entry["rows"] if r["stack_level"] == 1]
-            best = stacked[0]  # rows are ranked: the first stacked row is the best ensemble on valid
+            # Rows are ranked: the first stacked ensemble is the best on (cross-fitted) valid; the
+            # seed ensemble is a baseline, never registered.
+            best = next(r for r in stacked if r["kind"] == "ensemble")
             assert best["registered"] == f"msa-ensemble-{entry['dataset']}@1"
-            assert all(r["registered"] == "" for r in stacked[1:])
+            assert all(r["registered"] == "" for r in stacked if r is not best)
             assert all(r["mlflow_run_id"] == child.info.run_id for r in stacked)
             key = best["name"].replace("(", "_").replace(")", "_")
             metric = entry["selection_metric"]
@@ -129,7 +131,7 @@ def test_msa_predict_with_the_registered_ensemble_reproduces_its_test_score(boar
     assert main(["predict", "--model", f"models:/msa-ensemble-{dataset}@champion", "--run-dir", str(run_dir),
                  "--data", str(run_dir / "data" / f"{dataset}.pkl"), "--out", str(out)]) == 0
     _, labels, probabilities = read_predictions_with_split(out)
-    best = next(r for r in entry["rows"] if r["stack_level"] == 1)
+    best = next(r for r in entry["rows"] if r["kind"] == "ensemble")
     metrics = compute_metrics("classification", probabilities, labels)
     assert metrics == pytest.approx(best["test"])
     assert np.allclose(probabilities.sum(axis=1), 1.0)
@@ -266,3 +268,23 @@ def test_bad_ensemble_options_are_refused(run_copy, capsys):
     assert_refused(["ensemble", str(run_copy), "--folds", "1"], run_copy, capsys, "ensemble.folds must be >= 2")
     assert_refused(["ensemble", str(run_copy), "--learners", "median"], run_copy, capsys, "unknown meta-learner 'median'")
     assert_refused(["ensemble", str(run_copy.parent / "nowhere")], run_copy, capsys, "not a sweep run directory")
+
+
+def test_msa_run_sweeps_ensembles_and_exports_the_leaderboard(ray_runtime, tmp_path, capsys):
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "pipeline", "storage": str(tmp_path / "sweeps"), "datasets": ["synth_regression"], "models": ["baseline"],
+        "budget": {"trials_per_pair": 2, "max_epochs": 2}, "search": {"seed": 1, "scheduler": "none"},
+        "resources": {"workers_per_trial": 1, "max_concurrent_trials": 2},
+        "ensemble": {"top_k": 2, "learners": ["nnls", "caruana"], "folds": 2, "seeds": 2, "bootstrap": 100},
+    }))
+    export = tmp_path / "export"
+    assert main(["run", str(config), "--export", str(export)]) == 0
+    printed = capsys.readouterr().out
+    (run_dir,) = (tmp_path / "sweeps").glob("pipeline-*")
+    board = json.loads((export / "leaderboard.json").read_text())
+    assert board == json.loads((run_dir / "ensembles" / "leaderboard.json").read_text())
+    assert {p.name for p in export.iterdir()} == {f"leaderboard.{ext}" for ext in ("csv", "md", "json", "html")}
+    (entry,) = board["datasets"]
+    assert {r["name"] for r in entry["rows"] if r["kind"] == "ensemble"} == {"nnls", "caruana"}  # the config's learners
+    assert "[synth_regression] ranked by valid mae" in printed and "msa-ensemble-synth_regression@1" in printed
