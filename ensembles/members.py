@@ -80,8 +80,10 @@ def sweep_candidates(run_dir: Path) -> list[Candidate]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     candidates = []
     for database in sorted((run_dir / "optuna").glob("*.db")):
-        pair = database.stem
-        study = optuna.load_study(study_name=pair, storage=f"sqlite:///{database}")
+        pair, storage = database.stem, f"sqlite:///{database}"
+        if pair not in optuna.get_all_study_names(storage):  # interrupted before its study was written
+            continue
+        study = optuna.load_study(study_name=pair, storage=storage)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
             trial_id = trial.user_attrs.get("ray_trial_id", "")
             folder = run_dir / "trials" / pair / trial_id

@@ -32,11 +32,15 @@ def write_config(tmp_path: Path, **sections) -> Path:
 
 
 def studies(run_dir: Path) -> dict[str, optuna.Study]:
+    """The run's studies; a database the sweep has created but not yet written its study into
+    (the test polls a running sweep) is left out."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return {
-        db.stem: optuna.load_study(study_name=db.stem, storage=f"sqlite:///{db}")
-        for db in sorted((run_dir / "optuna").glob("*.db"))
-    }
+    found = {}
+    for db in sorted((run_dir / "optuna").glob("*.db")):
+        storage = f"sqlite:///{db}"
+        if db.stem in optuna.get_all_study_names(storage):
+            found[db.stem] = optuna.load_study(study_name=db.stem, storage=storage)
+    return found
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
