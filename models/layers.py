@@ -1,7 +1,18 @@
-"""Layers shared by the models: masking and pooling over padded sequences."""
+"""Layers shared by the models: masking and pooling over padded sequences, a small MLP, and the
+mutual-information critics (FactorCL's concat critic) with their InfoNCE and NCE-CLUB bounds.
+
+Example:
+    >>> import torch
+    >>> masked_mean(torch.ones(2, 3, 4), torch.tensor([1, 3])).shape
+    torch.Size([2, 4])
+"""
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
+from torch.func import functional_call
 
 
 def length_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -16,3 +27,46 @@ def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     total = (x * mask).sum(dim=1)  # (B, d)
     count = mask.sum(dim=1).clamp(min=1.0)  # (B, 1)
     return total / count
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0) -> nn.Sequential:
+    """Linear -> GELU -> Dropout -> Linear."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+
+class ConcatCritic(nn.Module):
+    """FactorCL's concat critic: ``f(x, y) = MLP([x; y])`` scored on every pair of a batch.
+
+    ``scores(x, y)[i, j] = f(x_j, y_i)``: the diagonal holds the paired samples. One hidden ReLU
+    layer as in FactorCL; no output bias, since both bounds are blind to a constant shift of all
+    scores (the bias could never be trained). Scores are squashed to ``(-bound, bound)`` by
+    ``bound * tanh(f / bound)``: an encoder minimising an NCE-CLUB estimate through the critic
+    otherwise drives its scores without limit (measured: critic losses above 1e4 within 200 steps).
+    """
+
+    def __init__(self, x_dim: int, y_dim: int, hidden: int = 512, bound: float = 10.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(x_dim + y_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1, bias=False))
+        self.bound = bound
+
+    def scores(self, x: torch.Tensor, y: torch.Tensor, *, frozen: bool = False) -> torch.Tensor:
+        """``(B, B)`` scores; `frozen` uses the critic's weights detached (gradients reach x and y only)."""
+        n = x.shape[0]
+        pairs = torch.cat([x.unsqueeze(0).expand(n, n, -1), y.unsqueeze(1).expand(n, n, -1)], dim=-1)
+        if frozen:
+            weights = {name: value.detach() for name, value in self.net.named_parameters()}
+            raw = functional_call(self.net, weights, (pairs,))
+        else:
+            raw = self.net(pairs)
+        return self.bound * torch.tanh(raw.squeeze(-1) / self.bound)
+
+
+def infonce_lower_bound(scores: torch.Tensor) -> torch.Tensor:
+    """InfoNCE lower bound on I(X; Y) from a ``(B, B)`` critic score matrix (diagonal = pairs)."""
+    n = scores.shape[0]
+    return scores.diagonal().mean() - (torch.logsumexp(scores, dim=1).mean() - math.log(n))
+
+
+def nce_club_upper_bound(scores: torch.Tensor) -> torch.Tensor:
+    """NCE-CLUB upper bound on I(X; Y): mean paired score minus mean score over all pairs."""
+    return scores.diagonal().mean() - scores.mean()

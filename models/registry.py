@@ -11,6 +11,7 @@ from torch import nn
 
 from msa.models.base import DataSpec
 from msa.models.baseline import BaselineConfig, BaselineModel
+from msa.models.fine import FINEConfig, FINEModel
 from msa.models.tfn import TFNConfig, TFNModel
 from msa.platform.config import build_dataclass
 from msa.platform.errors import MsaError
@@ -34,6 +35,10 @@ MODELS: dict[str, ModelEntry] = {
     ),
     "tfn": ModelEntry(
         TFNModel, TFNConfig, "Tensor Fusion Network: outer-product fusion of per-modality vectors",
+        min_modalities=1,
+    ),
+    "fine": ModelEntry(
+        FINEModel, FINEConfig, "FINE: Mixture of Q-Formers, MI-factorised shared/unique codes, Dynamic Contrastive Queue",
         min_modalities=1,
     ),
 }
