@@ -1,5 +1,6 @@
-"""Layers shared by the models: masking and pooling over padded sequences, a small MLP, and the
-mutual-information critics (FactorCL's concat critic) with their InfoNCE and NCE-CLUB bounds.
+"""Layers shared by the models: masking and pooling over padded sequences, a small MLP, sinusoidal
+positions, gradient reversal, and the mutual-information critics (FactorCL's concat critic) with
+their InfoNCE and NCE-CLUB bounds.
 
 Example:
     >>> import torch
@@ -32,6 +33,39 @@ def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0) -> nn.Sequential:
     """Linear -> GELU -> Dropout -> Linear."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+
+def sinusoidal_positions(x: torch.Tensor) -> torch.Tensor:
+    """The Transformer's sinusoidal position table for ``x: (B, T, d)``, shaped ``(T, d)`` (d even)."""
+    length, d = x.shape[1], x.shape[2]
+    position = torch.arange(length, device=x.device, dtype=torch.float32).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, d, 2, device=x.device, dtype=torch.float32) * (-math.log(10000.0) / d))
+    table = torch.zeros(length, d, device=x.device)
+    table[:, 0::2], table[:, 1::2] = torch.sin(position * frequency), torch.cos(position * frequency)
+    return table.to(x.dtype)
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, strength: float) -> torch.Tensor:
+        ctx.strength = strength
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.strength * grad, None
+
+
+class GradientReversal(nn.Module):
+    """Identity forward; the gradient is multiplied by ``-strength`` on the way back (Ganin &
+    Lempitsky, 2015), so what follows learns to discriminate and what precedes learns to fool it."""
+
+    def __init__(self, strength: float = 1.0):
+        super().__init__()
+        self.strength = strength
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ReverseGradient.apply(x, self.strength)
 
 
 class ConcatCritic(nn.Module):

@@ -12,6 +12,7 @@ from torch import nn
 from msa.models.base import DataSpec
 from msa.models.baseline import BaselineConfig, BaselineModel
 from msa.models.fine import FINEConfig, FINEModel
+from msa.models.invariant import InvariantConfig, InvariantModel
 from msa.models.tfn import TFNConfig, TFNModel
 from msa.platform.config import build_dataclass
 from msa.platform.errors import MsaError
@@ -40,6 +41,11 @@ MODELS: dict[str, ModelEntry] = {
     "fine": ModelEntry(
         FINEModel, FINEConfig, "FINE: Mixture of Q-Formers, MI-factorised shared/unique codes, Dynamic Contrastive Queue",
         min_modalities=1,
+    ),
+    "invariant": ModelEntry(
+        InvariantModel, InvariantConfig,
+        "Invariant-guided fusion: adversarial + CMD shared codes gate cross-attention, sequential variation regularizer",
+        min_modalities=2,
     ),
 }
 
