@@ -11,6 +11,7 @@ from torch import nn
 
 from msa.models.base import DataSpec
 from msa.models.baseline import BaselineConfig, BaselineModel
+from msa.models.dbr import DBRConfig, DBRModel
 from msa.models.fine import FINEConfig, FINEModel
 from msa.models.invariant import InvariantConfig, InvariantModel
 from msa.models.tfn import TFNConfig, TFNModel
@@ -45,6 +46,11 @@ MODELS: dict[str, ModelEntry] = {
     "invariant": ModelEntry(
         InvariantModel, InvariantConfig,
         "Invariant-guided fusion: adversarial + CMD shared codes gate cross-attention, sequential variation regularizer",
+        min_modalities=2,
+    ),
+    "dbr": ModelEntry(
+        DBRModel, DBRConfig,
+        "DBR: decoupling stage with temporal-structural fusion, anchor-guided private routing, bidirectional fusion",
         min_modalities=2,
     ),
 }
