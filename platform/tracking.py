@@ -170,13 +170,23 @@ def _log_dataset_inputs(mlflow_client, run_id: str, tracking: TrialTracking) -> 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
 
     with warnings.catch_warnings():  # a local path matches two registered source types; both are the same
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(tracking.dataset_source)
     dataset = MetaDataset(source, name=tracking.dataset_name, digest=tracking.dataset_fingerprint[:36])._to_mlflow_entity()
     # One input: MLflow keeps a dataset once per run, whatever context tags differ.
-    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train/valid/test")])])
+    inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train/valid/test")])]
+    for attempt in range(3):
+        try:
+            mlflow_client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as error:
+            # Concurrent trials logging the same new dataset: the store checks, then inserts, so
+            # all but one hit its unique key; the dataset exists now, and a retry links it.
+            if "unique constraint" not in str(error).lower() or attempt == 2:
+                raise
 
 
 class EpochLogger:

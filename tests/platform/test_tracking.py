@@ -192,6 +192,38 @@ def test_a_retried_trial_finds_its_run_and_never_relogs_a_param(sweep):
     assert mlflow_client.get_run(first).data.params["lr"] == "0.001"
 
 
+def test_trials_opening_runs_at_once_all_get_the_dataset_input(sweep):
+    """Concurrent trials log the same new dataset: MLflow's store checks, then inserts, so all but
+    one can hit its unique key (seen in a 4-model sweep); every run must still get its input."""
+    import threading
+
+    mlflow_client = sweep["client"]
+    experiment = mlflow_client.create_experiment("dataset-race")
+    source = str(sweep["run_dir"] / "data" / "synth_regression.pkl")
+    parent = mlflow_client.create_run(experiment).info.run_id
+    tracking = TrialTracking(uri=sweep["uri"], experiment_id=experiment, study_run_id=parent, pair="race", tags={},
+                             dataset_name="synth_regression", dataset_source=source, dataset_fingerprint="1" * 64)
+    config = {"model": "baseline", "data": source}
+    start, run_ids, errors = threading.Barrier(8), {}, []
+
+    def open_run(index: int) -> None:
+        start.wait()
+        try:
+            run_ids[index] = open_trial_run(tracking, f"race_{index}", config)
+        except Exception as error:  # noqa: BLE001 - reported below with the others
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=open_run, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    for run_id in run_ids.values():
+        inputs = mlflow_client.get_run(run_id).inputs.dataset_inputs
+        assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("synth_regression", "1" * 36)]
+
+
 def test_two_processes_logging_epochs_to_one_server_lose_nothing(sweep, tmp_path):
     """Two writers at once, as two concurrent trials are: every metric of every epoch arrives."""
     mlflow_client = sweep["client"]
