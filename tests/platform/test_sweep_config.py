@@ -57,7 +57,7 @@ def test_demo_config_loads_with_typed_sections(demo_path):
     assert config.name == "demo"
     assert config.datasets == ["synth_regression"] and set(config.datasets) <= set(BUILTIN_DATASETS)
     assert config.models and set(config.models) <= set(MODELS)
-    assert (config.budget.trials_per_pair, config.budget.max_epochs, config.budget.time_budget_s) == (4, 6, None)
+    assert (config.budget.trials_per_pair, config.budget.max_epochs, config.budget.time_budget_s) == (3, 4, None)
     assert (config.search.sampler, config.search.scheduler, config.search.metric) == ("tpe", "asha", "mae")
     # `cpus_per_worker: 1` in YAML is an int; the field is a float.
     assert isinstance(config.resources.cpus_per_worker, float) and config.resources.cpus_per_worker == 1.0
@@ -67,8 +67,8 @@ def test_demo_config_loads_with_typed_sections(demo_path):
 
 def test_overrides_apply_and_leave_the_rest(demo_path):
     plain = load_sweep_config(demo_path)
-    config = load_sweep_config(demo_path, ["budget.trials_per_pair=3", "search.sampler=random"])
-    assert config.budget.trials_per_pair == 3 and isinstance(config.budget.trials_per_pair, int)
+    config = load_sweep_config(demo_path, ["budget.trials_per_pair=7", "search.sampler=random"])
+    assert config.budget.trials_per_pair == 7 and isinstance(config.budget.trials_per_pair, int)
     assert config.search.sampler == "random"
     assert config.budget.max_epochs == plain.budget.max_epochs
     assert config.search.seed == plain.search.seed and config.train == plain.train
@@ -257,13 +257,20 @@ def test_cli_resume_with_a_different_config_is_one_line(tmp_path, monkeypatch, c
     run_dir = started_run(tmp_path, demo_path)
     monkeypatch.chdir(tmp_path)
     before = tree(tmp_path)
-    code, err, _ = run_cli(["sweep", "--resume", str(run_dir), str(demo_path), "budget.trials_per_pair=3"], capsys)
+    trials = demo_trials(demo_path)
+    code, err, _ = run_cli(["sweep", "--resume", str(run_dir), str(demo_path), f"budget.trials_per_pair={trials + 2}"],
+                           capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("msa: error: "), err
-    assert "budget.trials_per_pair: started with 4, given 3" in err[0]
+    assert f"budget.trials_per_pair: started with {trials}, given {trials + 2}" in err[0]
     assert tree(tmp_path) == before
 
 
 # --- resume_config -----------------------------------------------------------------------------
+
+
+def demo_trials(demo_path: Path) -> int:
+    """The demo's trials per pair; the resume tests override it with other values."""
+    return load_sweep_config(demo_path).budget.trials_per_pair
 
 
 def started_run(tmp_path: Path, config_path: Path, overrides: list[str] | None = None) -> Path:
@@ -283,20 +290,24 @@ def test_resume_without_a_config_returns_the_started_one(tmp_path, demo_path):
 
 
 def test_resume_started_with_overrides_returns_them(tmp_path, demo_path):
-    run_dir = started_run(tmp_path, demo_path, ["budget.trials_per_pair=3"])
-    assert resume_config(run_dir, None, []).budget.trials_per_pair == 3
+    trials = demo_trials(demo_path) + 2
+    run_dir = started_run(tmp_path, demo_path, [f"budget.trials_per_pair={trials}"])
+    assert resume_config(run_dir, None, []).budget.trials_per_pair == trials
 
 
-@pytest.mark.parametrize("overrides", [[], ["budget.trials_per_pair=4"]], ids=["as-is", "agreeing-override"])
-def test_resume_with_the_same_config_is_accepted(tmp_path, demo_path, overrides):
+@pytest.mark.parametrize("agreeing_override", [False, True], ids=["as-is", "agreeing-override"])
+def test_resume_with_the_same_config_is_accepted(tmp_path, demo_path, agreeing_override):
+    overrides = [f"budget.trials_per_pair={demo_trials(demo_path)}"] if agreeing_override else []
     run_dir = started_run(tmp_path, demo_path)
     assert resume_config(run_dir, str(demo_path), overrides) == load_sweep_config(demo_path)
 
 
 def test_resume_with_a_different_config_file_names_the_key(tmp_path, demo_path):
     run_dir = started_run(tmp_path, demo_path)
-    other = write_config(tmp_path, demo_path.read_text().replace("trials_per_pair: 4", "trials_per_pair: 5"), "other.yaml")
-    with pytest.raises(MsaError, match=r"differs .*\(budget\.trials_per_pair: started with 4, given 5\)"):
+    trials = demo_trials(demo_path)
+    other = write_config(tmp_path, demo_path.read_text().replace(f"trials_per_pair: {trials}", f"trials_per_pair: {trials + 2}"),
+                         "other.yaml")
+    with pytest.raises(MsaError, match=rf"differs .*\(budget\.trials_per_pair: started with {trials}, given {trials + 2}\)"):
         resume_config(run_dir, str(other), [])
 
 
@@ -309,18 +320,19 @@ def test_resume_with_a_changing_override_names_the_key(tmp_path, demo_path):
 def test_resume_with_only_a_changing_override_is_refused(tmp_path, demo_path):
     run_dir = started_run(tmp_path, demo_path)
     with pytest.raises(MsaError, match=rf"the config differs from the one {re.escape(str(run_dir))} started with"):
-        resume_config(run_dir, None, ["budget.trials_per_pair=3"])
+        resume_config(run_dir, None, [f"budget.trials_per_pair={demo_trials(demo_path) + 2}"])
 
 
 def test_resume_with_only_a_changing_override_names_the_key(tmp_path, demo_path):
     run_dir = started_run(tmp_path, demo_path)
     with pytest.raises(MsaError, match=r"budget\.trials_per_pair"):
-        resume_config(run_dir, None, ["budget.trials_per_pair=3"])
+        resume_config(run_dir, None, [f"budget.trials_per_pair={demo_trials(demo_path) + 2}"])
 
 
 def test_resume_with_only_an_agreeing_override_is_accepted(tmp_path, demo_path):
     run_dir = started_run(tmp_path, demo_path)
-    assert resume_config(run_dir, None, ["budget.trials_per_pair=4"]) == load_sweep_config(demo_path)
+    agreeing = [f"budget.trials_per_pair={demo_trials(demo_path)}"]
+    assert resume_config(run_dir, None, agreeing) == load_sweep_config(demo_path)
 
 
 def test_resume_of_a_tampered_sweep_yaml_names_it(tmp_path, demo_path):
