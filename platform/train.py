@@ -326,7 +326,8 @@ def train_loop(
             for name, value in terms.items():
                 sums[name] = sums[name] + value if name in sums else value
             steps += 1
-        means = {name: float(total) / max(steps, 1) for name, total in sums.items()}
+        means = {name: float(total) / max(steps, 1) for name, total in sums.items()}  # float(): syncs the device
+        training_seconds = time.perf_counter() - started
         if not math.isfinite(means.get("loss", 0.0)):
             raise NonFiniteLossError(
                 f"training loss became {means['loss']} in epoch {epoch}; lower lr or check the data"
@@ -347,7 +348,8 @@ def train_loop(
         record[f"best_valid_{selection}"] = state.best_score if state.best_score is not None else math.nan
         stop = epoch == config.epochs or (not keep_last_epoch and epoch - state.best_epoch >= config.patience)
         record["final"] = float(stop)
-        record["epoch_seconds"] = time.perf_counter() - started
+        record["training_seconds"] = training_seconds  # the optimisation steps alone
+        record["epoch_seconds"] = time.perf_counter() - started  # plus valid (and test) prediction, checkpoint
         state.history.append(record)
         state.epoch = epoch
         if on_epoch is not None:
