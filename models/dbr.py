@@ -91,6 +91,9 @@ class DBRConfig:
     def __post_init__(self) -> None:
         from msa.platform.errors import MsaError
 
+        for name, value in vars(self).items():
+            if name.startswith("w_") and value < 0:  # a negative weight would maximise its loss
+                raise MsaError(f"DBR: {name} must be >= 0, got {value}")
         if self.d % self.heads:
             raise MsaError(f"DBR: heads ({self.heads}) must divide d ({self.d})")
         for name in ("conv_kernel", "tsf_kernel"):

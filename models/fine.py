@@ -100,6 +100,9 @@ class FINEConfig:
     def __post_init__(self) -> None:
         from msa.platform.errors import MsaError
 
+        for name, value in vars(self).items():
+            if name.startswith("w_") and value < 0:  # a negative weight would maximise its loss
+                raise MsaError(f"FINE: {name} must be >= 0, got {value}")
         if self.d % self.heads:
             raise MsaError(f"FINE: heads ({self.heads}) must divide d ({self.d})")
         if not 1 <= self.top_k <= self.n_experts:

@@ -75,6 +75,9 @@ class InvariantConfig:
     def __post_init__(self) -> None:
         from msa.platform.errors import MsaError
 
+        for name, value in vars(self).items():
+            if name.startswith("w_") and value < 0:  # a negative weight would maximise its loss
+                raise MsaError(f"invariant: {name} must be >= 0, got {value}")
         if self.d % self.heads:
             raise MsaError(f"invariant: heads ({self.heads}) must divide d ({self.d})")
         if self.divergence not in DIVERGENCES:

@@ -119,6 +119,7 @@ def test_every_module_switches_off_to_the_plain_decoupling_path():
     ({"alpha_max": 1.5}, "alpha_max must be in \\[0, 1\\]"),
     ({"segments": 0}, "segments must be >= 1"),
     ({"anchor_temperature": 0.0}, "anchor_temperature must be > 0"),
+    ({"w_recon": -0.1}, "w_recon must be >= 0, got -0.1"),
 ])
 def test_impossible_configs_are_refused(bad, message):
     with pytest.raises(MsaError, match=message):

@@ -106,6 +106,25 @@ def test_router_balance_loss_is_minimal_for_uniform_routing():
         assert skewed.item() > uniform.item()
 
 
+def test_an_expert_no_sample_chose_still_gets_gradient_but_no_output():
+    torch.manual_seed(0)
+    moq = MixtureOfQFormers(FINEConfig(d=16, heads=2, n_experts=4, top_k=1, dropout=0.0)).train()
+    torch.nn.init.zeros_(moq.router.weight)
+    with torch.no_grad():
+        moq.router.bias.copy_(torch.tensor([5.0, 0.0, -5.0, -50.0]))  # every sample picks expert 0
+    sequence, lengths = torch.randn(8, 5, 16), torch.randint(1, 6, (8,))
+    mixed, _ = moq(sequence, lengths)
+    # The output is plain top-1 routing: expert 0 alone.
+    torch.testing.assert_close(mixed, moq.experts(sequence, lengths)[:, 0])
+    mixed.pow(2).sum().backward()
+    per_expert = moq.experts.queries.grad.abs().sum((1, 2))
+    assert (per_expert > 0).all(), per_expert  # experts 1-3 were chosen by no sample
+    # In evaluation an unchosen expert gets nothing.
+    moq.zero_grad()
+    moq.eval()(sequence, lengths)[0].pow(2).sum().backward()
+    assert moq.experts.queries.grad[1:].abs().sum() == 0
+
+
 def test_every_part_switches_off_from_the_config():
     data_spec = spec()
     features, lengths, labels = batch(data_spec, 8, seed=0)
@@ -127,6 +146,7 @@ def test_every_part_switches_off_from_the_config():
     ({"n_experts": 2, "top_k": 3}, "top_k must be in \\[1, n_experts=2\\]"),
     ({"regression_classes": 5}, "regression_classes must be 3 or 7"),
     ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"w_recon": -0.1}, "w_recon must be >= 0, got -0.1"),
 ])
 def test_impossible_configs_are_refused(bad, message):
     with pytest.raises(MsaError, match=message):

@@ -137,6 +137,7 @@ def test_every_loss_switches_off_by_weight_zero():
     ({"divergence": "kl"}, "divergence must be one of jsd, l1, l2, got 'kl'"),
     ({"grl_strength": -1.0}, "grl_strength must be >= 0"),
     ({"fbp_k": 0}, "fbp_hidden and fbp_k must be >= 1"),
+    ({"w_recon": -0.1}, "w_recon must be >= 0, got -0.1"),
 ])
 def test_impossible_configs_are_refused(bad, message):
     with pytest.raises(MsaError, match=message):

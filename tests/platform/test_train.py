@@ -49,6 +49,8 @@ def test_checkpoint_holds_weights_config_predictions_and_hash(synth_regression_p
     assert metrics["best_epoch"] == result.best_epoch
     assert metrics["valid"]["mae"] == min(r["valid_mae"] for r in result.history)
     assert not list(tmp_path.glob(".*partial"))
+    # The optimisation steps' own time is recorded beside the whole epoch's (valid prediction, checkpoint).
+    assert all(0 < r["training_seconds"] < r["epoch_seconds"] for r in result.history)
 
 
 def test_same_seed_same_run_and_other_seed_differs(synth_regression_pkl, tmp_path):
