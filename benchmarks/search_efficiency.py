@@ -76,7 +76,8 @@ def main() -> None:
     import ray
 
     from msa.platform.config import build_dataclass
-    from msa.platform.sweep import TRIAL_SLOT, run_sweep
+    from msa.platform.cluster import TRIAL_SLOT
+    from msa.platform.sweep import run_sweep
     from msa.platform.sweep_config import SweepConfig, validate_sweep_config
 
     budget = args.random_trials * args.epochs

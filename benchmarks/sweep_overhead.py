@@ -82,7 +82,8 @@ def main() -> None:
 
     from msa.platform.config import build_dataclass
     from msa.platform.readers import load_dataset
-    from msa.platform.sweep import TRIAL_SLOT, run_sweep
+    from msa.platform.cluster import TRIAL_SLOT
+    from msa.platform.sweep import run_sweep
     from msa.platform.sweep_config import SweepConfig, validate_sweep_config
 
     with tempfile.TemporaryDirectory() as storage:

@@ -11,6 +11,8 @@
 * ``msa leaderboard RUN_DIR --format csv|md|json|html``: the leaderboard, exported.
 * ``msa run CONFIG``: the whole pipeline (sweep, ensembles, leaderboard).
 
+``msa sweep`` and ``msa run`` take ``--address`` to run on a Ray cluster (README, "Running on a cluster").
+
 Bad input ends with one line ``msa: error: ...`` on stderr and exit status 2.
 """
 from __future__ import annotations
@@ -127,12 +129,12 @@ def _sweep(args: argparse.Namespace) -> None:
         if config_path and "=" in config_path and not Path(config_path).exists():  # only overrides given
             config_path, overrides = None, [config_path, *overrides]
         config = resume_config(run_dir, config_path, overrides)
-        rows = run_sweep(config, resume_dir=run_dir)
+        rows = run_sweep(config, resume_dir=run_dir, address=args.address)
     else:
         if not args.config:
             raise MsaError("msa sweep: give a sweep config (e.g. sweeps/demo.yaml) or --resume RUN_DIR")
         config = load_sweep_config(args.config, args.overrides)
-        rows = run_sweep(config)
+        rows = run_sweep(config, address=args.address)
     print("\n" + format_summary(rows))
 
 
@@ -213,7 +215,7 @@ def _run(args: argparse.Namespace) -> None:
 
     config = load_sweep_config(args.config, args.overrides)
     export = Path(args.export).resolve() if args.export else None
-    rows = run_sweep(config)
+    rows = run_sweep(config, address=args.address)
     print("\n" + format_summary(rows))
     run_dir = Path(rows[0]["run_dir"])
     board = build_ensembles(config.ensemble, run_dir=run_dir)
@@ -351,10 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--replace-nonfinite", action="store_true", help="read NaN/inf features as 0")
     inspect.set_defaults(run=_inspect)
 
+    def address_option(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--address", help="join a running Ray cluster: auto, HOST:PORT or ray://HOST:10001 "
+                                                 "(default: $RAY_ADDRESS, else a private runtime on this machine)")
+
     sweep = commands.add_parser("sweep", help="run (or resume) a sweep: one Optuna study per model x dataset")
     sweep.add_argument("config", nargs="?", help="sweep YAML (see sweeps/demo.yaml)")
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. budget.trials_per_pair=4")
     sweep.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted sweep")
+    address_option(sweep)
     sweep.set_defaults(run=_sweep)
 
     mlflow = commands.add_parser("mlflow", help="serve the MLflow UI over a sweep run directory's tracking store")
@@ -385,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="sweep YAML (its ensemble: section configures the ensembles)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. ensemble.top_k=3")
     run.add_argument("--export", metavar="DIR", help="also write leaderboard.{csv,md,json,html} into DIR")
+    address_option(run)
     run.set_defaults(run=_run)
 
     ensemble = commands.add_parser("ensemble", help="stacked ensembles of a sweep's best trials, and the leaderboard")

@@ -27,6 +27,7 @@ import csv
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 import warnings
@@ -40,6 +41,7 @@ from ray import tune
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
+from msa.platform.cluster import TRIAL_SLOT, check_shared_storage, check_trial_fits, connect, node_kinds, require_run_dir, trial_shape
 from msa.platform.config import to_plain
 from msa.platform.errors import MsaError
 from msa.platform.features import FeatureSet
@@ -50,9 +52,6 @@ from msa.platform.search_space import load_search_space
 from msa.platform.sweep_config import BUILTIN_DATASETS, SweepConfig, load_sweep_config, validate_sweep_config
 from msa.platform.tracking import SweepTracking, TrialRunCloser, TrialTracking, open_trial_run
 from msa.platform.train import resolve_config, train_loop
-
-TRIAL_SLOT = "trial_slot"  # custom resource: one per concurrently running trial (see STACK.md)
-
 
 class SweepInterrupted(MsaError):
     """The user stopped the sweep; its state is saved and `msa sweep --resume` continues it."""
@@ -65,11 +64,14 @@ class PairContext:
     """What every trial of one (model, dataset) pair needs; shipped once via `tune.with_parameters`."""
 
     dataset_ref: list  # [ObjectRef]: a list so Ray hands the reference over, not the value
+    run_dir: str
     trials_dir: str
     train_storage: str
     workers: int
     cpus_per_worker: float
     gpus_per_worker: float
+    worker_resources: dict[str, float]  # custom resources per worker
+    placement: str  # Ray placement strategy of a trial's workers
     max_failures: int
     inline: bool  # run train_loop in the Tune function itself (one worker, see module docstring)
     tracking: TrialTracking  # where the trial's MLflow run lives
@@ -122,6 +124,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
 def run_trial(config: dict[str, Any], context: PairContext) -> None:
     """The Tune function trainable: inline for one worker, else one data-parallel TorchTrainer."""
+    require_run_dir(Path(context.run_dir))
     trial_id = tune.get_context().get_trial_id()
     train_config = {**config, "out": str(Path(context.trials_dir) / trial_id)}
     run_id = open_trial_run(context.tracking, trial_id, train_config)
@@ -134,12 +137,14 @@ def run_trial(config: dict[str, Any], context: PairContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     use_gpu = context.gpus_per_worker > 0
-    worker_resources = {"CPU": context.cpus_per_worker, **({"GPU": context.gpus_per_worker} if use_gpu else {})}
+    worker_resources = {"CPU": context.cpus_per_worker, **({"GPU": context.gpus_per_worker} if use_gpu else {}),
+                        **context.worker_resources}
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"train": train_config, "dataset_ref": context.dataset_ref,
                            "tracking_uri": context.tracking.uri, "run_id": run_id},
-        scaling_config=ScalingConfig(num_workers=context.workers, use_gpu=use_gpu, resources_per_worker=worker_resources),
+        scaling_config=ScalingConfig(num_workers=context.workers, use_gpu=use_gpu, resources_per_worker=worker_resources,
+                                     placement_strategy=context.placement),
         run_config=RunConfig(
             name=trial_id,  # stable per trial, so a retried or restored trial finds its checkpoint
             storage_path=context.train_storage,
@@ -248,25 +253,6 @@ def _save_builtin_datasets(datasets: dict[str, FeatureSet], run_dir: Path) -> No
             dataset.source = str(path)
 
 
-def _check_resources(config: SweepConfig) -> None:
-    """Fail fast when no node can ever hold one trial, instead of letting Tune wait forever."""
-    import ray
-
-    res = config.resources
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    per_worker = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
-    fits = sum(
-        min(int(n["Resources"].get(k, 0) // v) for k, v in per_worker.items() if v > 0) for n in nodes
-    )
-    if fits < res.workers_per_trial:
-        totals = {k: sum(n["Resources"].get(k, 0) for n in nodes) for k in per_worker}
-        raise MsaError(
-            f"a trial needs {res.workers_per_trial} workers x ({res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU) "
-            f"but the cluster can hold at most {fits} such workers (it has {totals['CPU']:g} CPUs, "
-            f"{totals['GPU']:g} GPUs); lower resources.workers_per_trial or the per-worker sizes"
-        )
-
-
 def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: str | None = None) -> list[dict[str, Any]]:
     """Run (or resume) a sweep; returns the summary rows, also written to the run directory.
 
@@ -287,22 +273,22 @@ def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: s
     if config.tracking.uri:  # before anything is written: an unreachable server is an input error
         check_tracking_uri(config.tracking.uri)
     run_dir = resume_dir if resume_dir is not None else _make_run_dir(config)
-    _save_builtin_datasets(datasets, run_dir)
-    for dataset in datasets.values():  # once here, not in every trial's checkpoint writer
-        dataset.fingerprint = sha256_path(dataset.source)
-    tracking = SweepTracking(config.tracking.uri, run_dir, to_plain(config))
+    tracking = None
     own_runtime = not ray.is_initialized()  # tests and notebooks may already hold one
+    trials_queued = False  # until then, a new sweep that is refused leaves no run directory behind
     try:
-        if own_runtime:
-            ray.init(
-                address=address,
-                resources=None if address else {TRIAL_SLOT: config.resources.max_concurrent_trials},
-                # The dashboard's State API must run: without it Train V2 leaks the placement group of
-                # every trial that ASHA stops, and later trials wait forever (STACK.md). Loopback only.
-                dashboard_host="127.0.0.1",
-            )
-        _check_resources(config)
+        _save_builtin_datasets(datasets, run_dir)
+        for dataset in datasets.values():  # once here, not in every trial's checkpoint writer
+            dataset.fingerprint = sha256_path(dataset.source)
+        tracking = SweepTracking(config.tracking.uri, run_dir, to_plain(config))  # its server boots while Ray starts
+        joined = connect(address, config.resources.max_concurrent_trials) if own_runtime else None
+        kinds = node_kinds(joined is not None)
+        check_trial_fits(trial_shape(config.resources), kinds)
+        if joined is not None:
+            alive = sum(kind.name.startswith("node ") for kind in kinds)
+            check_shared_storage(run_dir, config.tracking.uri, client=joined.startswith("ray://"), can_grow=len(kinds) > alive)
         refs = {name: ray.put(dataset) for name, dataset in datasets.items()}
+        trials_queued = True
         with tracking:
             rows = [
                 _run_pair(config, run_dir, model, name, datasets[name], refs[name], spaces[model], resume_dir is not None,
@@ -311,9 +297,12 @@ def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: s
                 for name in config.datasets
             ]
     finally:
-        tracking.stop_server()
+        if tracking is not None:
+            tracking.stop_server()
         if own_runtime:
             ray.shutdown()
+        if resume_dir is None and not trials_queued:
+            shutil.rmtree(run_dir, ignore_errors=True)
     _write_summary(run_dir, rows)
     return rows
 
@@ -331,16 +320,19 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
     (run_dir / "optuna").mkdir(exist_ok=True)
     storage_url = f"sqlite:///{run_dir / 'optuna' / f'{pair}.db'}"
     context = PairContext(
-        dataset_ref=[ref], trials_dir=str(run_dir / "trials" / pair), train_storage=str(run_dir / "train" / pair),
+        dataset_ref=[ref], run_dir=str(run_dir), trials_dir=str(run_dir / "trials" / pair),
+        train_storage=str(run_dir / "train" / pair),
         workers=config.resources.workers_per_trial, cpus_per_worker=config.resources.cpus_per_worker,
-        gpus_per_worker=config.resources.gpus_per_worker, max_failures=config.resources.max_failures,
+        gpus_per_worker=config.resources.gpus_per_worker, worker_resources=dict(config.resources.worker_resources),
+        placement=config.resources.placement, max_failures=config.resources.max_failures,
         inline=config.resources.workers_per_trial == 1 and config.resources.inline_single_worker,
         tracking=tracking.open_study(pair, model, dataset),
     )
     # An inline trial trains in the Tune function's own process, so that process holds the
     # worker's CPUs and GPUs; otherwise the Train workers hold them and the function holds none.
     trial_resources = (
-        {"CPU": context.cpus_per_worker, "GPU": context.gpus_per_worker} if context.inline else {"CPU": 0}
+        {"CPU": context.cpus_per_worker, "GPU": context.gpus_per_worker, **context.worker_resources}
+        if context.inline else {"CPU": 0}
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {**trial_resources, TRIAL_SLOT: 1})
     experiment = run_dir / "ray" / pair

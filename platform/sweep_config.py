@@ -72,6 +72,11 @@ class ResourcesConfig:
             (a one-rank process group) instead of a Ray Train controller plus one worker actor:
             the same training, two fewer processes to start per trial. ``false`` always uses
             Ray Train's TorchTrainer.
+        worker_resources: custom Ray resources each worker needs besides CPUs and GPUs, e.g.
+            ``{accelerator_type:H100: 0.001}`` or a label your nodes declare.
+        placement: how a trial's workers are placed (Ray's placement strategies): ``PACK`` (as
+            few nodes as possible, the default), ``STRICT_PACK`` (one node: NVLink, no network
+            between ranks), ``SPREAD`` or ``STRICT_SPREAD`` (one worker per node).
     """
 
     workers_per_trial: int = 1
@@ -80,6 +85,8 @@ class ResourcesConfig:
     max_concurrent_trials: int = 1
     max_failures: int = 1
     inline_single_worker: bool = True
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass
@@ -154,7 +161,8 @@ class SweepConfig:
         name: the sweep's name (run directory prefix).
         datasets: built-in names (synth_regression, synth_classification) or paths.
         models: registered model names.
-        storage: folder under which each sweep gets its run directory.
+        storage: folder under which each sweep gets its run directory; on a multi-node cluster
+            a filesystem mounted at the same path on every node (checked before trials start).
         train: fixed TrainConfig overrides for every trial (e.g. ``patience``).
         tracking: the MLflow server to log to (default: one the sweep starts itself).
         ensemble: how `msa ensemble` / `msa run` stack the trials afterwards.
@@ -213,6 +221,16 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
             raise MsaError(f"{where}: {label} must be >= {low}, got {value}")
     if resources.cpus_per_worker <= 0 or resources.gpus_per_worker < 0:
         raise MsaError(f"{where}: resources need cpus_per_worker > 0 and gpus_per_worker >= 0")
+    for name, amount in resources.worker_resources.items():
+        if name in ("CPU", "GPU", "trial_slot") or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise MsaError(f"{where}: resources.worker_resources.{name} must be a custom resource with an amount > 0 "
+                           f"(CPU and GPU have their own keys; trial_slot is the sweep's own)")
+    if "://" in config.storage:
+        raise MsaError(
+            f"{where}: storage {config.storage!r} is a URI; it must be a filesystem path (the run directory holds an "
+            f"SQLite Optuna study and checkpoint folders read as files). On a cluster, mount shared storage "
+            f"(EFS, NFS, FSx) at the same path on every node and give that path"
+        )
     if search.grace_period > budget.max_epochs:
         raise MsaError(f"{where}: search.grace_period ({search.grace_period}) exceeds budget.max_epochs ({budget.max_epochs})")
     if budget.time_budget_s is not None and budget.time_budget_s <= 0:

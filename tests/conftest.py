@@ -50,7 +50,7 @@ def ray_runtime():
     """One local Ray runtime for every in-process sweep test (a Ray start costs seconds)."""
     import ray
 
-    from msa.platform.sweep import TRIAL_SLOT
+    from msa.platform.cluster import TRIAL_SLOT
 
     ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, dashboard_host="127.0.0.1")
     yield ray

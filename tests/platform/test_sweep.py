@@ -124,9 +124,11 @@ def test_infeasible_trial_resources_fail_fast(ray_runtime, tmp_path):
         resources={"workers_per_trial": 3, "cpus_per_worker": 1},
     ))
     started = time.time()
-    with pytest.raises(MsaError, match="cluster can hold at most 2 such workers"):
+    with pytest.raises(MsaError, match=r"a trial needs 3 workers x \{CPU: 1\} \(placement PACK\) but the cluster can hold "
+                                       r"at most 2 such workers across the nodes"):
         run_sweep(config)
     assert time.time() - started < 120  # a message, not a hang
+    assert list((tmp_path / "sweeps").iterdir()) == []  # and no run directory left behind
 
 
 def test_two_models_two_datasets_two_workers_zero1_with_asha_pruning(ray_runtime, tmp_path):
