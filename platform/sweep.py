@@ -285,8 +285,12 @@ def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: s
         kinds = node_kinds(joined is not None)
         check_trial_fits(trial_shape(config.resources), kinds)
         if joined is not None:
+            checked_from = time.monotonic()
             alive = sum(kind.name.startswith("node ") for kind in kinds)
             check_shared_storage(run_dir, config.tracking.uri, client=joined.startswith("ray://"), can_grow=len(kinds) > alive)
+            print(f"[cluster] joined {joined}: {alive} nodes alive, {len(kinds) - alive} node types the autoscaler may add; "
+                  f"every node sees {run_dir} and reaches MLflow (checked in {time.monotonic() - checked_from:.1f} s)",
+                  flush=True)
         refs = {name: ray.put(dataset) for name, dataset in datasets.items()}
         trials_queued = True
         with tracking:

@@ -177,6 +177,7 @@ def test_sweep_on_two_nodes_places_each_trials_ranks_on_both(two_nodes, cluster_
     storage = tmp_path / "shared" / "runs"  # one folder both nodes see: shared storage
     done = msa_sweep(write_sweep(tmp_path / "sweep.yaml", storage, cluster_tracking), two_nodes.address, two_nodes.env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"[cluster] joined {two_nodes.address}: 2 nodes alive" in done.stdout
 
     (run_dir,) = storage.glob("cluster-*")
     (row,) = json.loads((run_dir / "summary.json").read_text())
@@ -191,7 +192,8 @@ def test_sweep_on_two_nodes_places_each_trials_ranks_on_both(two_nodes, cluster_
         f"ray.init(address={two_nodes.address!r}, logging_level='ERROR')\n"
         "node_b = {n['NodeID'] for n in ray.nodes() if 'node_b' in n['Resources']}\n"
         "rows = [{'cls': a.class_name, 'on_b': a.node_id in node_b, 'node': a.node_id}\n"
-        "        for a in list_actors(limit=10000, detail=True) if a.class_name in ('RayTrainWorker', 'ImplicitFunc')]\n"
+        f"        for a in list_actors(address={two_nodes.address!r}, limit=10000, detail=True)\n"
+        "        if a.class_name in ('RayTrainWorker', 'ImplicitFunc')]\n"
         "print(json.dumps(rows))\n", two_nodes.env))
     workers = [a for a in placed if a["cls"] == "RayTrainWorker"]
     # Each node has one CPU and each trial two 1-CPU ranks: every trial spans both nodes.
@@ -221,7 +223,9 @@ def test_node_local_storage_is_refused_on_a_multi_node_cluster(two_nodes, cluste
 
 def test_a_request_no_node_can_hold_fails_fast_naming_it(two_nodes, cluster_tracking, tmp_path):
     config = write_sweep(tmp_path / "sweep.yaml", tmp_path / "runs", cluster_tracking)
-    line = one_line_error(msa_sweep(config, two_nodes.address, two_nodes.env, "resources.worker_resources.node_b=1"))
+    # Without RAY_AUTH_MODE the driver must present the cluster's token itself, as `ray start` does.
+    token_only = {k: v for k, v in two_nodes.env.items() if k != "RAY_AUTH_MODE"}
+    line = one_line_error(msa_sweep(config, two_nodes.address, token_only, "resources.worker_resources.node_b=1"))
     assert "a trial needs 2 workers x {CPU: 1, node_b: 1}" in line and "at most 1 such workers" in line
     line = one_line_error(msa_sweep(config, two_nodes.address, two_nodes.env, "resources.placement=STRICT_PACK"))
     assert "(placement STRICT_PACK)" in line and "at most 1 such workers on one node" in line
