@@ -76,13 +76,17 @@ def connect(address: str | None, local_trial_slots: int) -> str | None:
         return None
     _require_listener(address)
     _use_cluster_token()
-    try:
-        ray.init(address=address, logging_level="WARNING")
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MsaError(f"cannot join the Ray cluster at {address!r}: {first_line} "
-                       f"(is it running? `ray status --address ...` on a node says)") from None
-    return address
+    # A Ray Client session needs a server process the head starts per client; a busy head can
+    # miss Ray's 30 s deadline for it ("Initialization failure from server"): one more try.
+    for _ in range(2 if address.startswith("ray://") else 1):
+        try:
+            ray.init(address=address, logging_level="WARNING")
+            return address
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            ray.shutdown()
+    raise MsaError(f"cannot join the Ray cluster at {address!r}: {first_line} "
+                   f"(is it running? `ray status --address ...` on a node says)")
 
 
 def _require_listener(address: str, timeout: float = 5.0) -> None:

@@ -111,7 +111,10 @@ def two_nodes(tmp_path_factory):
     node_local.mkdir()
     marker = uuid.uuid4().hex
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "RAY_USAGE_STATS_ENABLED": "0", "MSA_TEST_CLUSTER": marker}
+           "RAY_USAGE_STATS_ENABLED": "0", "MSA_TEST_CLUSTER": marker,
+           # The head's Ray Client server starts a process per client; under a full test run on 2
+           # cores that can take longer than Ray's default 30 s.
+           "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "180"}
     env.pop("RAY_ADDRESS", None)
     port, client_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
