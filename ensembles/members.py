@@ -177,15 +177,11 @@ def load_member(candidate: Candidate, datasets: DatasetCache) -> Member:
     Raises:
         MsaError: missing weights, a SHA-256 mismatch, or unreadable predictions.
     """
+    from msa.platform.train import verify_checkpoint_weights
+
     folder = candidate.folder
+    verify_checkpoint_weights(folder, f"member {candidate.name}")
     stored = json.loads((folder / "metrics.json").read_text())
-    weights = folder / stored.get("weights_file", "model.pt")
-    if not weights.is_file():
-        raise MsaError(f"member {candidate.name}: weights {weights} are missing")
-    digest = sha256_path(weights)
-    if digest != stored["weights_sha256"]:
-        raise MsaError(f"member {candidate.name}: SHA-256 of {weights} is {digest[:16]}... but metrics.json recorded "
-                       f"{stored['weights_sha256'][:16]}...; the checkpoint was modified or corrupted")
     config = yaml.safe_load((folder / "config.yaml").read_text())
     member = Member(candidate=candidate, task=config["data_spec"]["task"])
     missing = [s for s in ENSEMBLE_SPLITS if not (folder / f"predictions_{s}.csv").is_file()]

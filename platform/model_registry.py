@@ -56,10 +56,13 @@ class LoadedCheckpoint:
 
         from msa.models.registry import build_model
 
+        from msa.platform.train import verify_checkpoint_weights
+
+        weights = verify_checkpoint_weights(folder, "checkpoint")
         self.config = yaml.safe_load((folder / "config.yaml").read_text())
         self.spec = checkpoint_spec(self.config)
         self.model = build_model(self.config["model"], self.spec, self.config["model_config"])
-        self.model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        self.model.load_state_dict(torch.load(weights, weights_only=True))
         self.model.eval()
 
     def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -134,7 +137,13 @@ def spec_from_signature(signature):
 def register_checkpoint(uri: str, run_id: str, folder: Path, name: str, tags: dict[str, str]) -> str:
     """Log `folder` as a pyfunc model of run `run_id`, register it as `name`, move `champion` to it.
 
-    A run already registered under `name` (a resumed sweep) is not registered twice. Returns the version."""
+    A run already registered under `name` (a resumed sweep) is not registered twice. Returns the version.
+
+    Raises:
+        MsaError: the weights do not match the SHA-256 the trial recorded (nothing is registered)."""
+    from msa.platform.train import verify_checkpoint_weights
+
+    verify_checkpoint_weights(folder, f"registering {name}")
     spec = checkpoint_spec(yaml.safe_load((folder / "config.yaml").read_text()))
     return register_pyfunc(uri, run_id, name, tags, python_model=CheckpointModel(),
                            artifacts={"checkpoint": str(folder)}, spec=spec)

@@ -377,6 +377,27 @@ def _full_state_dict(engine, config: TrainConfig) -> dict[str, torch.Tensor]:
     return engine.module.state_dict()
 
 
+def verify_checkpoint_weights(folder: Path, what: str) -> Path:
+    """The checkpoint's weights file, after checking it against the SHA-256 in its metrics.json.
+
+    Raises:
+        MsaError: missing weights or metadata, or a digest that differs (modified or corrupted).
+    """
+    try:
+        stored = json.loads((folder / "metrics.json").read_text())
+        expected = stored["weights_sha256"]
+    except (OSError, ValueError, KeyError):
+        raise MsaError(f"{what}: {folder} has no readable metrics.json with the weights' SHA-256") from None
+    weights = folder / stored.get("weights_file", WEIGHTS_FILE)
+    if not weights.is_file():
+        raise MsaError(f"{what}: weights {weights} are missing")
+    digest = sha256_path(weights)
+    if digest != expected:
+        raise MsaError(f"{what}: SHA-256 of {weights} is {digest[:16]}... but metrics.json recorded "
+                       f"{expected[:16]}...; the checkpoint was modified or corrupted")
+    return weights
+
+
 def default_out_dir(config: TrainConfig, dataset: FeatureSet) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return Path("runs") / "train" / f"{config.model}-{dataset.name}-seed{config.seed}-{stamp}"

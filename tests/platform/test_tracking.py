@@ -134,6 +134,25 @@ def test_the_best_trial_is_registered_and_reproduces_its_stored_test_predictions
     assert predicted.dtype == np.float32 and np.array_equal(predicted, stored)
 
 
+def test_a_modified_checkpoint_is_neither_registered_nor_loaded(sweep, tmp_path):
+    import shutil
+
+    from msa.platform.errors import MsaError
+    from msa.platform.model_registry import LoadedCheckpoint, register_checkpoint
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(sweep["row"]["best_checkpoint"], folder)
+    LoadedCheckpoint(folder)  # intact, it loads
+    with (folder / "model.pt").open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(MsaError, match=r"registering msa-tampered: SHA-256 of .*model\.pt is .*the checkpoint was modified"):
+        register_checkpoint(sweep["uri"], "unused", folder, "msa-tampered", {})
+    assert sweep["client"].search_model_versions("name='msa-tampered'") == []
+    # `load_context` of every registered checkpoint goes through LoadedCheckpoint.
+    with pytest.raises(MsaError, match=r"checkpoint: SHA-256 of .*model\.pt"):
+        LoadedCheckpoint(folder)
+
+
 def test_msa_registry_lists_the_champion_with_its_metrics(sweep, capsys):
     assert main(["registry", "--tracking-uri", sweep["uri"]]) == 0
     out = capsys.readouterr().out
