@@ -272,6 +272,9 @@ def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: s
     spaces = {model: load_search_space(model, config.search.spaces.get(model)) for model in config.models}
     if config.tracking.uri:  # before anything is written: an unreachable server is an input error
         check_tracking_uri(config.tracking.uri)
+    if address and ray.is_initialized():  # joining would otherwise be skipped silently
+        raise MsaError(f"cannot join the Ray cluster at {address!r}: this process already runs Ray; "
+                       f"start the sweep from a fresh process")
     run_dir = resume_dir if resume_dir is not None else _make_run_dir(config)
     tracking = None
     own_runtime = not ray.is_initialized()  # tests and notebooks may already hold one

@@ -131,6 +131,13 @@ def test_infeasible_trial_resources_fail_fast(ray_runtime, tmp_path):
     assert list((tmp_path / "sweeps").iterdir()) == []  # and no run directory left behind
 
 
+def test_an_address_is_refused_when_the_process_already_runs_ray(ray_runtime, tmp_path):
+    config = load_sweep_config(write_config(tmp_path, datasets=["synth_regression"], models=["baseline"]))
+    with pytest.raises(MsaError, match=r"cannot join the Ray cluster at 'head-node': this process already runs Ray"):
+        run_sweep(config, address="head-node")
+    assert not (tmp_path / "sweeps").exists()
+
+
 def test_two_models_two_datasets_two_workers_zero1_with_asha_pruning(ray_runtime, tmp_path):
     config = load_sweep_config(write_config(
         tmp_path, name="grid", datasets=["synth_regression", "synth_classification"], models=["baseline", "tfn"],
