@@ -23,6 +23,7 @@ Run directory layout (``<storage>/<name>-<UTC time>/``):
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -275,6 +276,8 @@ def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: s
     if address and ray.is_initialized():  # joining would otherwise be skipped silently
         raise MsaError(f"cannot join the Ray cluster at {address!r}: this process already runs Ray; "
                        f"start the sweep from a fresh process")
+    storage = Path(config.storage).resolve()
+    new_folders = [folder for folder in (storage, *storage.parents) if not folder.exists()]  # deepest first
     run_dir = resume_dir if resume_dir is not None else _make_run_dir(config)
     tracking = None
     own_runtime = not ray.is_initialized()  # tests and notebooks may already hold one
@@ -310,6 +313,9 @@ def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: s
             ray.shutdown()
         if resume_dir is None and not trials_queued:
             shutil.rmtree(run_dir, ignore_errors=True)
+            for folder in new_folders:  # the storage folders this sweep created, if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     _write_summary(run_dir, rows)
     return rows
 

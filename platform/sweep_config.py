@@ -231,7 +231,7 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
             f"SQLite Optuna study and checkpoint folders read as files). On a cluster, mount shared storage "
             f"(EFS, NFS, FSx) at the same path on every node and give that path"
         )
-    if search.grace_period > budget.max_epochs:
+    if search.scheduler == "asha" and search.grace_period > budget.max_epochs:  # only ASHA reads it
         raise MsaError(f"{where}: search.grace_period ({search.grace_period}) exceeds budget.max_epochs ({budget.max_epochs})")
     if budget.time_budget_s is not None and budget.time_budget_s <= 0:
         raise MsaError(f"{where}: budget.time_budget_s must be > 0 (or null), got {budget.time_budget_s}")

@@ -128,7 +128,7 @@ def test_infeasible_trial_resources_fail_fast(ray_runtime, tmp_path):
                                        r"at most 2 such workers across the nodes"):
         run_sweep(config)
     assert time.time() - started < 120  # a message, not a hang
-    assert list((tmp_path / "sweeps").iterdir()) == []  # and no run directory left behind
+    assert not (tmp_path / "sweeps").exists()  # and no run directory, nor the storage folder it made
 
 
 def test_an_address_is_refused_when_the_process_already_runs_ray(ray_runtime, tmp_path):

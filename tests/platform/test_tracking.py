@@ -5,6 +5,7 @@ One small sweep (4 trials, 2 at a time, ASHA) runs once for the module on the se
 from __future__ import annotations
 
 import csv
+import os
 import hashlib
 import json
 import subprocess
@@ -296,3 +297,27 @@ def test_a_resumed_attempt_does_not_log_an_epoch_twice(sweep):
         again({"epoch": epoch, "train_loss": 10.0 + epoch, "final": 0.0})
     history = sorted((m.step, m.value) for m in mlflow_client.get_metric_history(run_id, "train_loss"))
     assert history == [(1, 1.0), (2, 0.5), (3, 13.0)]
+
+
+def test_secrets_in_the_environment_never_reach_a_run_or_the_run_directory(tmp_path):
+    """A sweep started with cloud credentials in its environment: the secret appears nowhere in the
+    run directory, the MLflow store (SQLite: params, tags, inputs) and artifacts included."""
+    import secrets
+
+    secret = secrets.token_hex(20)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "secret", "storage": str(tmp_path / "sweeps"), "datasets": ["synth_regression"], "models": ["baseline"],
+        "budget": {"trials_per_pair": 1, "max_epochs": 1}, "search": {"scheduler": "none"},
+    }))
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": "AKIA" + secret[:16].upper(), "MLFLOW_TRACKING_TOKEN": secret}
+    done = subprocess.run([str(Path(sys.executable).parent / "msa"), "sweep", str(config)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "sweeps").glob("secret-*")
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "model.pt" for p in files)
+    leaking = [str(p.relative_to(run_dir)) for p in files
+               if secret.encode() in p.read_bytes() or secret[:16].upper().encode() in p.read_bytes()]
+    assert leaking == []

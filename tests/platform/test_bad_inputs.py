@@ -1,0 +1,142 @@
+"""Every bad input the `msa` command line can get, in one table: config YAML, search spaces, data
+files, arguments, registry names and prediction inputs. Each must end with one line
+``msa: error: ...`` naming the problem, exit status 2, and leave nothing behind: the folder the
+command ran in holds exactly the inputs it held before.
+
+Module-level checks (readers, search spaces, sweep configs) have finer tables in their own test
+files; this one goes through `main`, as a user does.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from msa.platform.cli import main
+from msa.platform.readers import write_mmsa_pickle, write_npz
+from msa.platform.synth import synthesize
+
+SIZES = {"train": 24, "valid": 8, "test": 8}
+SWEEP = "name: bad\ndatasets: [synth_regression]\nmodels: [baseline]\nstorage: runs\n"
+
+
+def data_pkl(folder: Path) -> str:
+    write_mmsa_pickle(synthesize("regression", seed=1, sizes=SIZES), folder / "data.pkl")
+    return "data.pkl"
+
+
+def poisoned_npz(folder: Path) -> str:
+    write_npz(synthesize("regression", seed=1, sizes=SIZES), folder / "clean.npz")
+    arrays = dict(np.load(folder / "clean.npz", allow_pickle=False))
+    arrays["train_text"] = arrays["train_text"].copy()
+    arrays["train_text"][0, 0, 0] = np.nan
+    np.savez(folder / "nan.npz", **arrays)
+    (folder / "clean.npz").unlink()
+    return "nan.npz"
+
+
+def write(folder: Path, name: str, text: str) -> str:
+    (folder / name).write_text(text)
+    return name
+
+
+def space_sweep(folder: Path, space: str) -> list[str]:
+    """`msa sweep` of a config whose baseline search space is `space`."""
+    write(folder, "space.yaml", space)
+    return ["sweep", write(folder, "s.yaml", SWEEP + "search: {spaces: {baseline: space.yaml}}\n")]
+
+
+def keyless_pickle(folder: Path) -> str:
+    with (folder / "keys.pkl").open("wb") as handle:
+        pickle.dump({"features": [1, 2, 3]}, handle)
+    return "keys.pkl"
+
+
+# (id, build(folder) -> argv, the message must match this)
+CASES = [
+    # sweep config YAML
+    ("config-missing", lambda f: ["sweep", "nope.yaml"], r"config file not found: nope\.yaml"),
+    ("config-malformed", lambda f: ["sweep", write(f, "s.yaml", SWEEP + "budget: {max_epochs: [3\n")],
+     r"s\.yaml: malformed YAML"),
+    ("config-unknown-key", lambda f: ["sweep", write(f, "s.yaml", SWEEP + "budgets: {}\n")], r"unknown key 'budgets'"),
+    ("config-wrong-type", lambda f: ["sweep", write(f, "s.yaml", SWEEP + "budget: {max_epochs: many}\n")],
+     r"key 'max_epochs': expected an integer, got 'many'"),
+    ("config-unknown-model", lambda f: ["sweep", write(f, "s.yaml", SWEEP.replace("[baseline]", "[bert]"))],
+     r"bert"),
+    ("config-missing-dataset", lambda f: ["sweep", write(f, "s.yaml", SWEEP.replace("[synth_regression]", "[m.pkl]"))],
+     r"dataset 'm\.pkl' is neither a built-in"),
+    ("config-storage-uri", lambda f: ["sweep", write(f, "s.yaml", SWEEP.replace("storage: runs", "storage: s3://b/r"))],
+     r"storage 's3://b/r' is a URI"),
+    ("config-override-not-key-value", lambda f: ["sweep", write(f, "s.yaml", SWEEP), "budget.trials_per_pair"],
+     r"not of the form key=value"),
+    ("config-override-breaks-a-bound", lambda f: ["sweep", write(f, "s.yaml", SWEEP), "budget.trials_per_pair=0"],
+     r"budget\.trials_per_pair must be >= 1, got 0"),
+    ("resume-not-a-run-directory", lambda f: ["sweep", "--resume", "elsewhere"], r"elsewhere is not a sweep run directory"),
+    ("run-config-missing", lambda f: ["run", "nope.yaml"], r"config file not found: nope\.yaml"),
+    # search spaces
+    ("space-missing", lambda f: ["sweep", write(f, "s.yaml", SWEEP + "search: {spaces: {baseline: none.yaml}}\n")],
+     r"search\.spaces\.baseline: .*none\.yaml does not exist"),
+    ("space-unknown-hyperparameter",
+     lambda f: space_sweep(f, "learning_rate: {type: log_float, low: 1.0e-4, high: 1.0e-2}\n"),
+     r"unknown hyperparameter 'learning_rate'"),
+    ("space-empty-range",
+     lambda f: space_sweep(f, "lr: {type: float, low: 0.1, high: 0.1}\n"),
+     r"low \(0\.1\) must be < high \(0\.1\)"),
+    ("space-log-range-from-zero",
+     lambda f: space_sweep(f, "lr: {type: log_float, low: 0.0, high: 0.1}\n"),
+     r"log range needs low > 0"),
+    # data files
+    ("data-missing", lambda f: ["train", "--model", "baseline", "--data", "nope.pkl", "--out", "run"],
+     r"data file not found: nope\.pkl"),
+    ("data-unknown-format", lambda f: ["train", "--model", "baseline", "--data", write(f, "d.csv", "a,b\n"), "--out", "run"],
+     r"not an \.npz archive, an MMSA pickle"),
+    ("data-pickle-without-mmsa-keys", lambda f: ["train", "--model", "baseline", "--data", keyless_pickle(f), "--out", "run"],
+     r"lacks the MMSA keys"),
+    ("data-nan-features", lambda f: ["train", "--model", "baseline", "--data", poisoned_npz(f), "--out", "run"],
+     r"NaN or inf features"),
+    ("data-inspect-missing", lambda f: ["data", "inspect", "nope.npz"], r"data file not found: nope\.npz"),
+    ("data-synth-unknown-suffix", lambda f: ["data", "synth", "--out", "x.csv"], r"use a \.pkl"),
+    # arguments
+    ("unknown-command", lambda f: ["fit"], r"invalid choice: 'fit'"),
+    ("train-unknown-model", lambda f: ["train", "--model", "bert", "--data", data_pkl(f)], r"invalid choice: 'bert'"),
+    ("train-unknown-override", lambda f: ["train", "--model", "baseline", "--data", data_pkl(f), "bogus=3"],
+     r"unknown key 'bogus'"),
+    ("train-out-exists", lambda f: ["train", "--model", "baseline", "--data", data_pkl(f), "--out", "data.pkl"],
+     r"output folder data\.pkl already exists"),
+    ("train-bf16-on-cpu", lambda f: ["train", "--model", "baseline", "--data", data_pkl(f), "--out", "run",
+                                     "precision=bf16"], r"precision bf16 needs a GPU"),
+    ("sweep-address-malformed", lambda f: ["sweep", write(f, "s.yaml", SWEEP), "--address", "head-node"],
+     r"--address 'head-node' is not auto, HOST:PORT or ray://HOST:PORT"),
+    ("leaderboard-unknown-format", lambda f: ["leaderboard", ".", "--format", "xls"], r"invalid choice: 'xls'"),
+    ("leaderboard-missing", lambda f: ["leaderboard", "elsewhere", "--format", "md"], r"no leaderboard at elsewhere"),
+    ("ensemble-not-a-run-directory", lambda f: ["ensemble", "elsewhere"], r"elsewhere is not a sweep run directory"),
+    ("mlflow-not-a-run-directory", lambda f: ["mlflow", "elsewhere"], r"elsewhere is not a sweep run directory"),
+    # registry names and prediction inputs
+    ("registry-run-dir-without-store", lambda f: ["registry", "--run-dir", "."], r"has no MLflow store"),
+    ("predict-without-a-server", lambda f: ["predict", "--model", "models:/msa-baseline-x@champion", "--data",
+                                            data_pkl(f), "--out", "p.csv"], r"no tracking server"),
+    ("predict-missing-data", lambda f: ["predict", "--model", "models:/msa-baseline-x@champion", "--data", "nope.pkl",
+                                        "--out", "p.csv", "--run-dir", "."], r"data file not found: nope\.pkl"),
+    ("predict-unknown-split", lambda f: ["predict", "--model", "models:/m@champion", "--data", data_pkl(f),
+                                         "--out", "p.csv", "--split", "dev"], r"invalid choice: 'dev'"),
+]
+
+
+@pytest.mark.parametrize("build, message", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(build, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    argv = build(tmp_path)
+    inputs = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("msa: error: "), err
+    assert re.search(message, err[0]), err[0]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == inputs, "output left behind"
+
