@@ -51,7 +51,7 @@ from msa.platform.mlflow_server import check_tracking_uri
 from msa.platform.readers import load_dataset, sha256_path, write_mmsa_pickle
 from msa.platform.search_space import load_search_space
 from msa.platform.sweep_config import BUILTIN_DATASETS, SweepConfig, load_sweep_config, validate_sweep_config
-from msa.platform.tracking import SweepTracking, TrialRunCloser, TrialTracking, open_trial_run
+from msa.platform.tracking import SweepTracking, TrialRunCloser, TrialTracking, failure_reason, open_trial_run
 from msa.platform.train import resolve_config, train_loop
 
 class SweepInterrupted(MsaError):
@@ -167,8 +167,14 @@ class PruningAwareOptunaSearch(OptunaSearch):
 
     Ray's OptunaSearch tells Optuna COMPLETE whenever the last result has the metric, so an
     ASHA-stopped trial would enter the study as finished with a truncated score. A trial's
-    natural last epoch carries ``final = 1``; any other ending was the scheduler's.
+    natural last epoch carries ``final = 1``; any other ending was the scheduler's. A failed
+    trial keeps Ray's reason as its ``fail_reason`` user attribute (`errors_dir`: Tune's
+    experiment folder, where each trial's ``error.txt`` is written before the searcher hears).
     """
+
+    def __init__(self, *args, errors_dir: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.errors_dir = errors_dir
 
     def suggest(self, trial_id: str) -> dict | None:
         suggestion = super().suggest(trial_id)
@@ -182,6 +188,7 @@ class PruningAwareOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         if error:
             state = TrialState.FAIL
+            ot_trial.set_user_attr("fail_reason", failure_reason(self._error_file(trial_id)))
         elif result is None or not result.get("final"):
             state = TrialState.PRUNED
             # Tune hands the result that made the scheduler stop the trial only to this
@@ -194,6 +201,17 @@ class PruningAwareOptunaSearch(OptunaSearch):
             return super().on_trial_complete(trial_id, result, error)
         self._ot_study.tell(ot_trial, state=state)
         self._completed_trials.add(trial_id)
+
+    def _error_file(self, trial_id: str) -> Path | None:
+        """The trial's ``error.txt``: Tune writes it in the driver's staging folder for this fit
+        (``<session>/artifacts/<fit time>/<experiment>/driver_artifacts/<trial>``) and copies it
+        to the experiment folder later; the newest copy is the latest failure's."""
+        from ray.train.constants import _get_ray_train_session_dir
+
+        experiment = Path(self.errors_dir)
+        staged = Path(_get_ray_train_session_dir()).glob(f"*/{experiment.name}/driver_artifacts/{trial_id}/error.txt")
+        found = [path for path in (*staged, experiment / trial_id / "error.txt") if path.is_file()]
+        return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 class PairProgress(tune.Callback):
     """Prints, per pair, trials done out of the budget and the best valid metric so far."""
@@ -362,7 +380,7 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
         sampler_class = optuna.samplers.TPESampler if config.search.sampler == "tpe" else optuna.samplers.RandomSampler
         searcher = PruningAwareOptunaSearch(
             space=space.optuna_space(), metric=tune_metric, mode=mode, sampler=sampler_class(seed=config.search.seed),
-            study_name=pair, storage=optuna.storages.RDBStorage(storage_url),
+            study_name=pair, storage=optuna.storages.RDBStorage(storage_url), errors_dir=str(experiment),
         )
         scheduler = (
             ASHAScheduler(time_attr="epoch", max_t=config.budget.max_epochs, grace_period=config.search.grace_period,

@@ -42,6 +42,7 @@ PAIR_TAG = "msa.pair"
 TRIAL_TAG = "ray_trial_id"
 STATE_TAG = "msa.trial_state"  # complete | pruned | failed
 RUN_DIR_TAG = "msa.run_dir"
+FAIL_REASON_TAG = "msa.fail_reason"  # a failed trial's error, as Ray recorded it (Optuna: user attr fail_reason)
 PACKAGES = ("msa-sweep", "torch", "ray", "deepspeed", "optuna", "mlflow")
 
 
@@ -239,6 +240,16 @@ def _epoch_curves(mlflow_client, run_id: str) -> dict[str, list[tuple[int, float
             for name in mlflow_client.get_run(run_id).data.metrics if name.startswith(("train_", "valid_", "best_valid_"))}
 
 
+def failure_reason(error_file: str | Path | None) -> str:
+    """What made a trial fail: the last line of the latest failure in Ray's ``error.txt``
+    (e.g. ``...NonFiniteLossError: training loss became nan in epoch 1; ...``)."""
+    try:
+        lines = [line.strip() for line in Path(error_file).read_text(errors="replace").splitlines() if line.strip()]
+    except (OSError, TypeError):
+        return "unknown (Ray recorded no error file)"
+    return lines[-1][:500] if lines else "unknown (empty error file)"
+
+
 class TrialRunCloser(tune.Callback):
     """Driver-side: when Tune ends a trial, log its outcome to the trial's run (see module doc)."""
 
@@ -255,6 +266,8 @@ class TrialRunCloser(tune.Callback):
         mlflow_client = client(self.tracking.uri)
         config = {**trial.config, "out": str(self.trials_dir / trial.trial_id)}
         run_id = open_trial_run(self.tracking, trial.trial_id, config)  # a trial that failed before opening it
+        if state == "failed":
+            mlflow_client.set_tag(run_id, FAIL_REASON_TAG, failure_reason(trial.error_file))
         log_trial_outcome(mlflow_client, run_id, self.trials_dir / trial.trial_id, state)
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 import warnings
@@ -39,6 +40,7 @@ from msa.platform.readers import atomic_write, load_dataset, sha256_path
 WEIGHTS_FILE = "model.pt"
 LOOP_STATE_FILE = "loop_state.pt"
 ENGINE_TAG = "state"
+KILL_DELAY_S = 4.0  # see _inject_fault
 
 
 @dataclass
@@ -62,6 +64,10 @@ class TrainConfig:
         precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
         replace_nonfinite: set NaN/inf features to 0 instead of refusing the data.
         model_config: overrides of the model's own config dataclass.
+        inject_fault: reliability testing only (RELIABILITY.md): ``raise`` makes every rank
+            raise, ``kill`` makes the last rank SIGKILL its own process, at the start of epoch
+            ``inject_fault_epoch`` of an attempt that did not resume from a checkpoint (so a
+            retry from the last checkpoint goes past it). ``none`` in real runs.
     """
 
     model: str = "baseline"
@@ -80,6 +86,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     replace_nonfinite: bool = False
     model_config: dict[str, Any] = field(default_factory=dict)
+    inject_fault: Literal["none", "raise", "kill"] = "none"
+    inject_fault_epoch: int = 2
 
 
 @dataclass
@@ -99,12 +107,16 @@ class NonFiniteLossError(MsaError):
     """The training loss became NaN or infinite."""
 
 
+class InjectedFault(RuntimeError):
+    """Raised by ``inject_fault: raise`` (reliability tests and the soak benchmark)."""
+
+
 def resolve_config(config: TrainConfig | dict[str, Any], *, where: str = "train config") -> TrainConfig:
     """A validated `TrainConfig` (from a mapping if needed); raises MsaError naming `where`."""
     if isinstance(config, dict):
         config = build_dataclass(TrainConfig, config, where=where)
     get_entry(config.model)
-    for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 1)):
+    for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 1), ("inject_fault_epoch", 1)):
         if getattr(config, name) < low:
             raise MsaError(f"train config: {name} must be >= {low}, got {getattr(config, name)}")
     if config.lr <= 0:
@@ -307,6 +319,8 @@ def train_loop(
     writer = CheckpointWriter(out_dir, config, model, dataset) if rank == 0 else None
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
+        if config.inject_fault != "none" and epoch == config.inject_fault_epoch and resume_from is None:
+            _inject_fault(config.inject_fault, epoch, rank, world)
         started = time.perf_counter()
         engine.train()
         sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
@@ -366,6 +380,17 @@ def train_loop(
         valid_metrics=state.best_valid, test_metrics=state.best_test, history=state.history,
         weights_sha256=writer.weights_sha256 if writer is not None else "",
     )
+
+
+def _inject_fault(kind: str, epoch: int, rank: int, world: int) -> None:
+    if kind == "raise":
+        raise InjectedFault(f"injected fault: rank {rank} raised at the start of epoch {epoch}")
+    if rank == world - 1:  # "kill": a real process death, as an OOM kill or a lost node would be
+        # Ray collects reported checkpoints every 2 s (Train's worker poll; Tune's result fetch),
+        # so a death sooner than that after a report also loses that report. Waiting models a
+        # death some seconds into an epoch, as in any run whose epochs last longer than that.
+        time.sleep(KILL_DELAY_S)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _full_state_dict(engine, config: TrainConfig) -> dict[str, torch.Tensor]:

@@ -195,11 +195,82 @@ def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_o
         error_log = (run_dir / "ray" / "baseline-synth_regression" / trial.user_attrs["ray_trial_id"] / "error.txt").read_text()
         assert "training loss became nan in epoch 1" in error_log
         assert error_log.count("Failure #") == 2, error_log[:2000]
+        # Ray, Optuna and MLflow give the same reason: the last line of Ray's error record.
+        reason = error_log.strip().splitlines()[-1].strip()
+        assert reason.endswith("NonFiniteLossError: training loss became nan in epoch 1; lower lr or check the data")
+        assert trial.user_attrs["fail_reason"] == reason
     with tracking_store(run_dir) as mlflow_client:  # two attempts of a failed trial: one run, FAILED
         runs = {r.data.tags["ray_trial_id"]: r for r in trial_runs(mlflow_client, run_dir)}
         assert len(runs) == 4
         for trial in failed:
             run = runs[trial.user_attrs["ray_trial_id"]]
             assert run.info.status == "FAILED" and run.data.tags["msa.trial_state"] == "failed"
+            assert run.data.tags["msa.fail_reason"] == trial.user_attrs["fail_reason"]
             assert run.data.params["lr"] == "1e+30"
         assert {runs[t.user_attrs["ray_trial_id"]].info.status for t in complete} == {"FINISHED"}
+
+
+def test_a_trial_that_raises_is_retried_from_its_last_checkpoint_and_matches_an_uninterrupted_run(
+        ray_runtime, tmp_path, tracking_store):
+    from msa.platform.train import TrainConfig, train_loop
+
+    config = load_sweep_config(write_config(
+        tmp_path, name="raise", datasets=["synth_regression"], models=["baseline"],
+        train={"patience": 5, "inject_fault": "raise", "inject_fault_epoch": 3},
+        budget={"trials_per_pair": 1, "max_epochs": 4}, search={"scheduler": "none", "seed": 0},
+        resources={"workers_per_trial": 1, "max_failures": 1},
+    ))
+    (row,) = run_sweep(config)
+    (run_dir,) = (tmp_path / "sweeps").glob("raise-*")
+    (study,) = studies(run_dir).values()
+    (trial,) = study.trials
+    # A retry that started over would meet the fault again and, with max_failures 1, fail.
+    assert trial.state == TrialState.COMPLETE and row["complete"] == 1
+    trial_id = trial.user_attrs["ray_trial_id"]
+    error_log = (run_dir / "ray" / "baseline-synth_regression" / trial_id / "error.txt").read_text()
+    assert error_log.count("Failure #") == 1 and "injected fault: rank 0 raised at the start of epoch 3" in error_log
+
+    resolved = yaml.safe_load((Path(row["best_checkpoint"]) / "config.yaml").read_text())
+    fields = {k: v for k, v in resolved.items() if k in TrainConfig.__dataclass_fields__}
+    uninterrupted = train_loop({**fields, "inject_fault": "none", "out": str(tmp_path / "uninterrupted")})
+    with tracking_store(run_dir) as mlflow_client:
+        (run,) = trial_runs(mlflow_client, run_dir)
+        assert run.info.status == "FINISHED"
+        for name in ("train_loss", "valid_mae"):
+            logged = sorted((m.step, m.value) for m in mlflow_client.get_metric_history(run.info.run_id, name))
+            assert [step for step, _ in logged] == [1, 2, 3, 4]  # each epoch once: two before the fault, two after
+            expected = [record[name] for record in uninterrupted.history]
+            assert [value for _, value in logged] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def killed_train_workers(ray_runtime) -> int:
+    """Ray Train workers of this runtime whose process died (rather than being shut down)."""
+    from ray.util.state import list_actors
+
+    dead = list_actors(address=ray_runtime.get_runtime_context().gcs_address, detail=True, limit=10_000,
+                       filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "DEAD")])
+    return sum("worker process has died" in str(actor.death_cause) for actor in dead)
+
+
+def test_a_killed_worker_of_a_two_worker_trial_is_replaced_and_the_trial_resumes_from_its_checkpoint(
+        ray_runtime, tmp_path, tracking_store):
+    config = load_sweep_config(write_config(
+        tmp_path, name="kill", datasets=["synth_regression"], models=["baseline"],
+        train={"patience": 5, "inject_fault": "kill", "inject_fault_epoch": 2},
+        budget={"trials_per_pair": 1, "max_epochs": 3}, search={"scheduler": "none", "seed": 0},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 1, "max_failures": 1},
+    ))
+    killed_before = killed_train_workers(ray_runtime)
+    (row,) = run_sweep(config)
+    assert killed_train_workers(ray_runtime) == killed_before + 1
+    (run_dir,) = (tmp_path / "sweeps").glob("kill-*")
+    (study,) = studies(run_dir).values()
+    (trial,) = study.trials
+    # Rank 1 SIGKILLs itself at the start of epoch 2 of any attempt that did not resume from a
+    # checkpoint: completing within one retry means the new worker group resumed from epoch 1's.
+    assert trial.state == TrialState.COMPLETE and row["complete"] == 1
+    with tracking_store(run_dir) as mlflow_client:
+        (run,) = trial_runs(mlflow_client, run_dir)
+        assert run.info.status == "FINISHED"
+        steps = sorted(m.step for m in mlflow_client.get_metric_history(run.info.run_id, "train_loss"))
+        assert steps == [1, 2, 3]
