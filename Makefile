@@ -30,7 +30,7 @@ browser:
 		echo "chromium not installed: the HTML rendering test will skip"
 
 test: install browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 clean:
 	rm -rf $(VENV) build *.egg-info

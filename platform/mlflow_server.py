@@ -6,9 +6,16 @@ another host, with the settings STACK.md measured to start in ~7 s and ~530 MB (
 job execution). It is a context manager: the server is stopped (its whole process group) on exit,
 whatever happened inside. `check_tracking_uri` is called before any trial starts, so an
 unreachable server is one clear error instead of every trial failing.
+
+The server runs under a guard (this module run as a script, `guard`) in the same process group:
+a server that crashes mid-sweep is started again on the same port and store, while MLflow's
+clients retry their requests (about 4 minutes by default), so no epoch's metrics are lost; and
+the server is stopped when the process that launched it dies, even by SIGKILL, instead of
+lingering on its port.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -72,9 +79,10 @@ class MlflowServer:
             "--backend-store-uri", f"sqlite:///{database}", "--artifacts-destination", artifacts.as_uri(),
         ]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        guarded = [sys.executable, "-m", "msa.platform.mlflow_server", str(os.getpid()), self.uri, *command]
         with self.log_path.open("ab") as log:
-            # Its own process group, so stop() reaches the server's worker processes too.
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+            # Guard and server in a process group of their own, so stop() reaches all of them.
+            self.process = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
         return self
 
@@ -134,3 +142,48 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     if not _healthy(uri, timeout):
         raise MsaError(f"MLflow tracking server {uri} is unreachable (no answer from {uri.rstrip('/')}/health "
                        f"within {timeout:g} s); start it or fix the URI")
+
+
+RESTARTS = 3  # a crashed server is started again at most this many times
+
+
+def guard(parent: int, uri: str, command: list[str]) -> int:
+    """Run `command` (the server at `uri`) while process `parent` lives; restart it if it crashes.
+
+    Returns the server's exit status when it fails to start (exits before ever answering) or
+    has crashed too often, and 0 once stopped (SIGTERM to the group, or `parent` gone)."""
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    restarts, answered, server = 0, False, subprocess.Popen(command)
+    while True:
+        time.sleep(0.5)
+        if stopping or os.getppid() != parent:
+            _stop_descendants()
+            return 0
+        status = server.poll()
+        if status is None:
+            answered = answered or _healthy(uri, timeout=1.0)
+            continue
+        if restarts == RESTARTS or not answered:
+            return status
+        restarts += 1
+        print(f"[guard] mlflow server exited with status {status}; starting it again ({restarts}/{RESTARTS})",
+              flush=True)
+        answered, server = False, subprocess.Popen(command)
+
+
+def _stop_descendants(timeout: float = 15.0) -> None:
+    """SIGTERM the server and its uvicorn worker, and wait until both are gone (the port free)."""
+    import psutil  # a dependency of Ray and DeepSpeed
+
+    tree = psutil.Process().children(recursive=True)  # taken first: the worker outlives the CLI briefly
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    for process in psutil.wait_procs(tree, timeout=timeout)[1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(guard(int(sys.argv[1]), sys.argv[2], sys.argv[3:]))

@@ -36,11 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.result import TRAINING_ITERATION
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils.util import unflatten_dict
 
 from msa.platform.cluster import TRIAL_SLOT, check_shared_storage, check_trial_fits, connect, node_kinds, require_run_dir, trial_shape
 from msa.platform.config import to_plain
@@ -75,6 +78,8 @@ class PairContext:
     placement: str  # Ray placement strategy of a trial's workers
     max_failures: int
     inline: bool  # run train_loop in the Tune function itself (one worker, see module docstring)
+    study_storage: str  # the pair's Optuna study (SQLite URL); its name is the pair's
+    tune_metric: str  # best_valid_<metric>, what Tune and the searcher read
     tracking: TrialTracking  # where the trial's MLflow run lives
 
 
@@ -127,6 +132,11 @@ def run_trial(config: dict[str, Any], context: PairContext) -> None:
     """The Tune function trainable: inline for one worker, else one data-parallel TorchTrainer."""
     require_run_dir(Path(context.run_dir))
     trial_id = tune.get_context().get_trial_id()
+    finished = _finished_in_study(context, trial_id)
+    if finished is not None:  # finished after a killed driver last saved Tune's state: not trained again
+        tune.report({"epoch": max(finished.intermediate_values, default=0), context.tune_metric: finished.value,
+                     "final": float(finished.state == TrialState.COMPLETE)})
+        return
     train_config = {**config, "out": str(Path(context.trials_dir) / trial_id)}
     run_id = open_trial_run(context.tracking, trial_id, train_config)
     if context.inline:
@@ -157,6 +167,14 @@ def run_trial(config: dict[str, Any], context: PairContext) -> None:
     trainer.fit()
 
 
+def _finished_in_study(context: PairContext, trial_id: str) -> optuna.trial.FrozenTrial | None:
+    """The study's record of this trial if it already finished (COMPLETE or PRUNED): it did so
+    after a killed driver last saved Tune's state, so Tune restored it as unfinished."""
+    study = optuna.load_study(study_name=Path(context.trials_dir).name, storage=context.study_storage)
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return next((t for t in done if t.user_attrs.get("ray_trial_id") == trial_id), None)
+
+
 def trial_dirname(trial) -> str:
     """Tune's folder for a trial: its id, as in `trials/` (Tune's default spells out every param)."""
     return trial.trial_id
@@ -172,20 +190,52 @@ class PruningAwareOptunaSearch(OptunaSearch):
     experiment folder, where each trial's ``error.txt`` is written before the searcher hears).
     """
 
-    def __init__(self, *args, errors_dir: str, **kwargs):
+    def __init__(self, *args, errors_dir: str, budget: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.errors_dir = errors_dir
+        self.errors_dir, self.budget = errors_dir, budget
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict | str | None:
+        orphan = self._orphan()
+        if orphan is not None:  # the budget's trial that a killed driver asked for: run it now
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, orphan._trial_id)
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+            return unflatten_dict(orphan.params)
+        if len(self._ot_study.get_trials(deepcopy=False)) >= self.budget:
+            return Searcher.FINISHED  # the study holds the budget, some trials finished unknown to Tune's state
         suggestion = super().suggest(trial_id)
         if trial_id in self._ot_trials:  # link the study's record to the Ray trial and its folder
             self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
         return suggestion
 
+    def _orphan(self) -> optuna.trial.FrozenTrial | None:
+        """A RUNNING study trial that no trial of this Tune run owns.
+
+        Tune saves its experiment state every few seconds, Optuna commits at once: a driver
+        killed in between (SIGKILL, a lost head node) leaves the study a trial that the restored
+        Tune run never heard of. It is handed to the next new Tune trial instead of asking
+        Optuna for one more; and a trial that finished in that gap still counts: `suggest`
+        stops at the study's size, not Tune's count, so the study ends with exactly the budget."""
+        owned = {ot_trial._trial_id for ot_trial in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return next((t for t in running if t._trial_id not in owned), None)
+
+    def _already_finished(self, trial_id: str) -> bool:
+        """Finished before a killed driver's last saved state knew it; Tune restored it as
+        unfinished and `run_trial` only reports the study's result again."""
+        ot_trial = self._ot_trials.get(trial_id)
+        return ot_trial is not None and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not self._already_finished(trial_id):
+            super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result, error)
         ot_trial = self._ot_trials[trial_id]
+        if self._already_finished(trial_id):
+            self._completed_trials.add(trial_id)
+            return None
         if error:
             state = TrialState.FAIL
             ot_trial.set_user_attr("fail_reason", failure_reason(self._error_file(trial_id)))
@@ -340,7 +390,6 @@ def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: s
 
 def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, space, resuming: bool,
               tracking: SweepTracking) -> dict[str, Any]:
-    import optuna
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
@@ -357,6 +406,7 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
         gpus_per_worker=config.resources.gpus_per_worker, worker_resources=dict(config.resources.worker_resources),
         placement=config.resources.placement, max_failures=config.resources.max_failures,
         inline=config.resources.workers_per_trial == 1 and config.resources.inline_single_worker,
+        study_storage=storage_url, tune_metric=tune_metric,
         tracking=tracking.open_study(pair, model, dataset),
     )
     # An inline trial trains in the Tune function's own process, so that process holds the
@@ -381,6 +431,7 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
         searcher = PruningAwareOptunaSearch(
             space=space.optuna_space(), metric=tune_metric, mode=mode, sampler=sampler_class(seed=config.search.seed),
             study_name=pair, storage=optuna.storages.RDBStorage(storage_url), errors_dir=str(experiment),
+            budget=config.budget.trials_per_pair,
         )
         scheduler = (
             ASHAScheduler(time_attr="epoch", max_t=config.budget.max_epochs, grace_period=config.search.grace_period,

@@ -215,14 +215,15 @@ def log_trial_outcome(mlflow_client, run_id: str, folder: Path, state: str) -> N
     files and the learning curves; then the run is closed (FAILED for a failed trial)."""
     from msa.platform.plots import learning_curves
 
-    mlflow_client.set_tag(run_id, STATE_TAG, state)
     metrics_file = folder / "metrics.json"
     if metrics_file.is_file():
         stored = json.loads(metrics_file.read_text())
         selected = {f"test_{k}": v for k, v in stored["test"].items()}
         selected.update({f"selected_valid_{k}": v for k, v in stored["valid"].items()})
         selected["best_epoch"] = stored["best_epoch"]
-        log_metrics(mlflow_client, run_id, {k: (math.nan if v is None else v) for k, v in selected.items()})
+        # Everything below is idempotent but these points: a close cut short (a killed driver) is redone.
+        if "best_epoch" not in mlflow_client.get_run(run_id).data.metrics:
+            log_metrics(mlflow_client, run_id, {k: (math.nan if v is None else v) for k, v in selected.items()})
         mlflow_client.set_tag(run_id, "weights_sha256", stored["weights_sha256"])
         for name in ("config.yaml", "predictions_valid.csv", "predictions_test.csv"):
             mlflow_client.log_artifact(run_id, str(folder / name))
@@ -231,6 +232,7 @@ def log_trial_outcome(mlflow_client, run_id: str, folder: Path, state: str) -> N
             plot = learning_curves(_epoch_curves(mlflow_client, run_id), stored["selection_metric"],
                                    Path(scratch) / "learning_curves.png")
             mlflow_client.log_artifact(run_id, str(plot), artifact_path="plots")
+    mlflow_client.set_tag(run_id, STATE_TAG, state)  # last: the mark of a complete close
     mlflow_client.set_terminated(run_id, status="FAILED" if state == "failed" else "FINISHED")
 
 
@@ -266,6 +268,10 @@ class TrialRunCloser(tune.Callback):
         mlflow_client = client(self.tracking.uri)
         config = {**trial.config, "out": str(self.trials_dir / trial.trial_id)}
         run_id = open_trial_run(self.tracking, trial.trial_id, config)  # a trial that failed before opening it
+        closed_as = mlflow_client.get_run(run_id).data.tags.get(STATE_TAG)
+        if closed_as is not None:  # closed before a driver was killed; Tune ran it again from its last checkpoint
+            mlflow_client.set_terminated(run_id, status="FAILED" if closed_as == "failed" else "FINISHED")
+            return
         if state == "failed":
             mlflow_client.set_tag(run_id, FAIL_REASON_TAG, failure_reason(trial.error_file))
         log_trial_outcome(mlflow_client, run_id, self.trials_dir / trial.trial_id, state)
@@ -338,12 +344,30 @@ class SweepTracking:
                              tags=study_tags, dataset_name=dataset.name, dataset_source=str(source.resolve()),
                              dataset_fingerprint=fingerprint)
 
+    def _close_left_open(self, pair: str, study, trials_dir: Path) -> None:
+        """Close the trial runs a killed driver left RUNNING: a trial that finished unknown to the
+        restored Tune run is closed with its outcome; one the study handed to a new Ray trial,
+        KILLED."""
+        from optuna.trial import TrialState
+
+        outcome = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+        states = {t.user_attrs.get(TRIAL_TAG): outcome.get(t.state) for t in study.get_trials(deepcopy=False)}
+        for run in find_runs(self.client, self.experiment_id, {PAIR_TAG: pair, ROLE_TAG: "trial"}):
+            if run.info.status != "RUNNING":
+                continue
+            state = run.data.tags.get(STATE_TAG) or states.get(run.data.tags[TRIAL_TAG])
+            if state is None:
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+            else:
+                log_trial_outcome(self.client, run.info.run_id, trials_dir / run.data.tags[TRIAL_TAG], state)
+
     def close_study(self, tracking: TrialTracking, study, row: dict[str, Any]) -> None:
         """Log the study's outcome and plots, register its best trial, and close its run."""
         from msa.platform.model_registry import register_checkpoint, registered_name
         from msa.platform.plots import optimization_history, param_importances
 
         run_id = tracking.study_run_id
+        self._close_left_open(tracking.pair, study, Path(row["run_dir"]) / "trials" / tracking.pair)
         log_metrics(self.client, run_id, {"trials_complete": row["complete"], "trials_pruned": row["pruned"],
                                           "trials_failed": row["failed"],
                                           **({f"best_{row['metric']}": row["best_value"]} if row["best_value"] is not None else {})})

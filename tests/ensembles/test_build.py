@@ -288,3 +288,23 @@ def test_msa_run_sweeps_ensembles_and_exports_the_leaderboard(ray_runtime, tmp_p
     (entry,) = board["datasets"]
     assert {r["name"] for r in entry["rows"] if r["kind"] == "ensemble"} == {"nnls", "caruana"}  # the config's learners
     assert "[synth_regression] ranked by valid mae" in printed and "msa-ensemble-synth_regression@1" in printed
+
+
+def test_an_ensemble_after_a_partial_sweep_uses_only_finished_trials_with_verified_checkpoints(run_copy):
+    """As a stopped sweep leaves it: a trial still RUNNING in its study (its folder holds the best
+    epoch it had reached) and a FAILED one are left out; the finished trials are ensembled."""
+    import sqlite3
+
+    unfinished = {"baseline": (first_trial(run_copy), "RUNNING"), "tfn": (first_trial(run_copy, "tfn"), "FAIL")}
+    for model, (folder, state) in unfinished.items():
+        with sqlite3.connect(run_copy / "optuna" / f"{model}-synth_regression.db") as db:
+            changed = db.execute("UPDATE trials SET state = ?, datetime_complete = NULL WHERE trial_id IN (SELECT trial_id "
+                                 "FROM trial_user_attributes WHERE key = 'ray_trial_id' AND value_json = ?)",
+                                 (state, json.dumps(folder.name))).rowcount
+        assert changed == 1
+    assert main(["ensemble", str(run_copy), "--top-k", "1", *FAST]) == 0
+    board = json.loads((run_copy / "ensembles" / "leaderboard.json").read_text())
+    members = {r["name"] for r in entry_of(board, "synth_regression")["rows"] if r["stack_level"] == 0}
+    finished = {f"{model}/{p.name}" for model in unfinished for p in (run_copy / "trials" / f"{model}-synth_regression").iterdir()
+                if p != unfinished[model][0]}
+    assert members == finished

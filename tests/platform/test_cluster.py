@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import tempfile
 import time
 import uuid
@@ -306,3 +307,27 @@ def test_the_cluster_sweep_fits_the_launcher_configs_gpu_nodes_and_strict_pack_c
     five = load_sweep_config(repo_root / "sweeps" / "cluster.yaml", ["resources.workers_per_trial=5"])
     with pytest.raises(MsaError, match="at most 4 such workers on one node"):
         check_trial_fits(trial_shape(five.resources), kinds)
+
+
+def test_a_private_runtime_serves_its_dashboard_on_loopback_only(tmp_path):
+    """A sweep's own Ray runtime: the dashboard answers on 127.0.0.1 and refuses the machine's
+    network address."""
+    probe = textwrap.dedent("""
+        import socket, ray
+        from msa.platform.cluster import connect
+        connect(None, 1)
+        host, port = ray._private.worker.global_worker.node.address_info["webui_url"].split(":")
+        node_ip = ray.util.get_node_ip_address()
+        socket.create_connection((host, int(port)), timeout=5).close()
+        try:
+            socket.create_connection((node_ip, int(port)), timeout=5).close()
+            print("reachable", host, node_ip)
+        except ConnectionRefusedError:
+            print("loopback only", host, node_ip)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    *verdict, host, node_ip = done.stdout.split()[-4:]
+    assert node_ip != "127.0.0.1", "the machine has no other address to check"
+    assert (verdict, host) == (["loopback", "only"], "127.0.0.1"), done.stdout
