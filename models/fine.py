@@ -301,7 +301,9 @@ class FINEModel(nn.Module):
         return mlp(1, self.config.d, self.config.d)
 
     def _label_code(self, encoder: nn.Module, labels: torch.Tensor) -> torch.Tensor:
-        return encoder(labels if self.classification else labels.float().unsqueeze(-1))  # (B, d)
+        if self.classification:
+            return encoder(labels)  # (B, d)
+        return encoder(labels.to(next(encoder.parameters()).dtype).unsqueeze(-1))  # bf16 weights on a GPU
 
     def forward(self, features: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor],
                 labels: torch.Tensor | None = None) -> ModelOutput:

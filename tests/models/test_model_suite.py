@@ -164,3 +164,20 @@ def test_same_seed_same_result(name):
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
     different = build(name, spec, seed=4).eval()(features, lengths).prediction.detach()
     assert not torch.equal(different, build(name, spec, seed=3).eval()(features, lengths).prediction.detach())
+
+
+@pytest.mark.parametrize("task", ("regression", "classification"))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_trains_in_bf16_as_on_a_gpu(name, task):
+    """As `train_loop` runs a model on a GPU (precision auto): bf16 weights and features, float32
+    or int64 labels, losses summed in float32. The CPU has bf16 kernels too, so this runs here."""
+    spec = make_spec(task, MODALITIES)
+    model = build(name, spec).to(torch.bfloat16).train()
+    features, lengths, labels = make_batch(spec, 8)
+    output = model({m: x.to(torch.bfloat16) for m, x in features.items()}, lengths, labels)
+    prediction = output.prediction.float()
+    loss = F.cross_entropy(prediction, labels) if task == "classification" else F.l1_loss(prediction, labels)
+    for loss_name, value in output.aux_losses.items():
+        loss = loss + model.loss_weights[loss_name] * value.float()
+    assert torch.isfinite(loss)
+    loss.backward()
