@@ -89,15 +89,28 @@ def connect(address: str | None, local_trial_slots: int) -> str | None:
                    f"(is it running? `ray status --address ...` on a node says)")
 
 
-def _require_listener(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds where nothing listens at HOST:PORT (Ray itself retries for minutes)."""
+def check_address_format(address: str) -> tuple[str, int] | None:
+    """HOST and PORT of a cluster address (None for ``auto``).
+
+    Raises:
+        MsaError: not auto, HOST:PORT or ray://HOST:PORT.
+    """
     if address == "auto":
-        return
+        return None
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise MsaError(f"--address {address!r} is not auto, HOST:PORT or ray://HOST:PORT")
+    return host, int(port)
+
+
+def _require_listener(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds where nothing listens at HOST:PORT (Ray itself retries for minutes)."""
+    host_port = check_address_format(address)
+    if host_port is None:
+        return
+    host, port = host_port
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), port), timeout=timeout).close()
     except OSError as exc:
         raise MsaError(f"cannot join the Ray cluster at {address!r}: nothing answers at {host}:{port} "
                        f"({exc.strerror or exc}); is the cluster up (`ray status` on its head)?") from None

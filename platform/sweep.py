@@ -45,7 +45,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
 
-from msa.platform.cluster import TRIAL_SLOT, check_shared_storage, check_trial_fits, connect, node_kinds, require_run_dir, trial_shape
+from msa.platform.cluster import TRIAL_SLOT, check_address_format, check_shared_storage, check_trial_fits, connect, node_kinds, require_run_dir, trial_shape
 from msa.platform.config import to_plain
 from msa.platform.errors import MsaError
 from msa.platform.features import FeatureSet
@@ -341,6 +341,8 @@ def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: s
     spaces = {model: load_search_space(model, config.search.spaces.get(model)) for model in config.models}
     if config.tracking.uri:  # before anything is written: an unreachable server is an input error
         check_tracking_uri(config.tracking.uri)
+    if address:
+        check_address_format(address)
     if address and ray.is_initialized():  # joining would otherwise be skipped silently
         raise MsaError(f"cannot join the Ray cluster at {address!r}: this process already runs Ray; "
                        f"start the sweep from a fresh process")

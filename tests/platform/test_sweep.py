@@ -172,8 +172,8 @@ def test_infeasible_trial_resources_fail_fast(ray_runtime, tmp_path):
 
 def test_an_address_is_refused_when_the_process_already_runs_ray(ray_runtime, tmp_path):
     config = load_sweep_config(write_config(tmp_path, datasets=["synth_regression"], models=["baseline"]))
-    with pytest.raises(MsaError, match=r"cannot join the Ray cluster at 'head-node': this process already runs Ray"):
-        run_sweep(config, address="head-node")
+    with pytest.raises(MsaError, match=r"cannot join the Ray cluster at 'head-node:6379': this process already runs Ray"):
+        run_sweep(config, address="head-node:6379")
     assert not (tmp_path / "sweeps").exists()
 
 
