@@ -80,6 +80,7 @@ class PairContext:
     inline: bool  # run train_loop in the Tune function itself (one worker, see module docstring)
     study_storage: str  # the pair's Optuna study (SQLite URL); its name is the pair's
     tune_metric: str  # best_valid_<metric>, what Tune and the searcher read
+    resuming: bool  # a resumed sweep: Tune's restored state may lag the study (see `_finished_in_study`)
     tracking: TrialTracking  # where the trial's MLflow run lives
 
 
@@ -132,7 +133,7 @@ def run_trial(config: dict[str, Any], context: PairContext) -> None:
     """The Tune function trainable: inline for one worker, else one data-parallel TorchTrainer."""
     require_run_dir(Path(context.run_dir))
     trial_id = tune.get_context().get_trial_id()
-    finished = _finished_in_study(context, trial_id)
+    finished = _finished_in_study(context, trial_id) if context.resuming else None
     if finished is not None:  # finished after a killed driver last saved Tune's state: not trained again
         tune.report({"epoch": max(finished.intermediate_values, default=0), context.tune_metric: finished.value,
                      "final": float(finished.state == TrialState.COMPLETE)})
@@ -408,7 +409,7 @@ def _run_pair(config, run_dir, model, dataset_name, dataset: FeatureSet, ref, sp
         gpus_per_worker=config.resources.gpus_per_worker, worker_resources=dict(config.resources.worker_resources),
         placement=config.resources.placement, max_failures=config.resources.max_failures,
         inline=config.resources.workers_per_trial == 1 and config.resources.inline_single_worker,
-        study_storage=storage_url, tune_metric=tune_metric,
+        study_storage=storage_url, tune_metric=tune_metric, resuming=resuming,
         tracking=tracking.open_study(pair, model, dataset),
     )
     # An inline trial trains in the Tune function's own process, so that process holds the

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -76,7 +77,6 @@ def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_losing_trial
     """Ctrl-C, resume, SIGKILL of the driver, resume: every trial finished before each stop is
     kept once (Optuna, Ray, MLflow) and never run again; the budget of 6 is met exactly. The
     drivers run with cloud credentials in their environment: they reach no file of the run."""
-    import os
     import secrets
 
     secret = secrets.token_hex(20)
@@ -249,25 +249,46 @@ def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_o
         assert {runs[t.user_attrs["ray_trial_id"]].info.status for t in complete} == {"FINISHED"}
 
 
-def test_a_trial_that_raises_is_retried_from_its_last_checkpoint_and_matches_an_uninterrupted_run(
+def test_a_raising_trial_resumes_from_its_checkpoint_and_a_crashed_tracking_server_loses_no_epoch(
         ray_runtime, tmp_path, tracking_store):
+    """Two faults in one sweep. The trial raises at the start of epoch 4 and is retried from its
+    last checkpoint: its losses match an uninterrupted run. Its MLflow server is SIGKILLed (as the
+    OOM killer would) after epoch 1: the guard starts it again on the same port and store, and the
+    trial's retried requests land, each epoch once."""
+    import threading
+
     from msa.platform.train import TrainConfig, train_loop
 
     config = load_sweep_config(write_config(
         tmp_path, name="raise", datasets=["synth_regression"], models=["baseline"],
-        train={"patience": 5, "inject_fault": "raise", "inject_fault_epoch": 3},
-        budget={"trials_per_pair": 1, "max_epochs": 4}, search={"scheduler": "none", "seed": 0},
+        train={"patience": 6, "inject_fault": "raise", "inject_fault_epoch": 4},
+        budget={"trials_per_pair": 1, "max_epochs": 6}, search={"scheduler": "none", "seed": 0},
         resources={"workers_per_trial": 1, "max_failures": 1},
     ))
-    (row,) = run_sweep(config)
+    outcome: list = []
+    sweep_thread = threading.Thread(target=lambda: outcome.append(run_sweep(config)))
+    sweep_thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "sweeps").glob("raise-*/trials/*/*/metrics.json")):
+        time.sleep(0.2)  # until the trial has logged epoch 1 and written its best checkpoint
     (run_dir,) = (tmp_path / "sweeps").glob("raise-*")
+    pgrep = lambda *args: subprocess.run(["pgrep", *args], capture_output=True, text=True).stdout.split()  # noqa: E731
+    (guard,) = pgrep("-f", f"msa.platform.mlflow_server .*{run_dir}/mlflow/mlflow.db")
+    (server,) = pgrep("-g", guard, "-f", "uvicorn")
+    os.kill(int(server), signal.SIGKILL)
+    sweep_thread.join(timeout=600)
+    assert outcome, "the sweep did not finish"
+    ((row,),) = outcome
+    log = (run_dir / "mlflow" / "server.log").read_text()
+    assert "[guard] mlflow server exited with status" in log and "starting it again (1/3)" in log
+
     (study,) = studies(run_dir).values()
     (trial,) = study.trials
     # A retry that started over would meet the fault again and, with max_failures 1, fail.
     assert trial.state == TrialState.COMPLETE and row["complete"] == 1
     trial_id = trial.user_attrs["ray_trial_id"]
     error_log = (run_dir / "ray" / "baseline-synth_regression" / trial_id / "error.txt").read_text()
-    assert error_log.count("Failure #") == 1 and "injected fault: rank 0 raised at the start of epoch 3" in error_log
+    assert error_log.count("Failure #") == 1 and "injected fault: rank 0 raised at the start of epoch 4" in error_log
 
     resolved = yaml.safe_load((Path(row["best_checkpoint"]) / "config.yaml").read_text())
     fields = {k: v for k, v in resolved.items() if k in TrainConfig.__dataclass_fields__}
@@ -277,7 +298,7 @@ def test_a_trial_that_raises_is_retried_from_its_last_checkpoint_and_matches_an_
         assert run.info.status == "FINISHED"
         for name in ("train_loss", "valid_mae"):
             logged = sorted((m.step, m.value) for m in mlflow_client.get_metric_history(run.info.run_id, name))
-            assert [step for step, _ in logged] == [1, 2, 3, 4]  # each epoch once: two before the fault, two after
+            assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6]  # each epoch once, across both faults
             expected = [record[name] for record in uninterrupted.history]
             assert [value for _, value in logged] == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
