@@ -53,8 +53,9 @@ def main() -> None:
     import yaml
 
     from msa.ensembles.build import build_ensembles
-    from msa.platform.sweep import run_sweep
-    from msa.platform.sweep_config import EnsembleConfig, load_sweep_config
+    from msa.ensembles.config import EnsembleConfig
+    from msa.platform.sweep.config import load_sweep_config
+    from msa.platform.sweep.driver import run_sweep
 
     # Progress (Tune's tables, the sweep's lines) goes to stderr; stdout is the JSON alone.
     with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
@@ -68,13 +69,13 @@ def main() -> None:
             "train": {"patience": 6},
         }))
         started = time.perf_counter()
-        rows = run_sweep(load_sweep_config(config_file))
+        result = run_sweep(load_sweep_config(config_file))
         sweep_seconds = time.perf_counter() - started
-        run_dir = Path(rows[0]["run_dir"])
+        run_dir = result.run_dir.root
         result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "data": args.data,
                   "models": args.models, "trials_per_model": args.trials, "max_epochs": args.epochs,
                   "sweep_seconds": round(sweep_seconds, 1),
-                  "trials": {r["pair"]: {"complete": r["complete"], "pruned": r["pruned"], "failed": r["failed"]} for r in rows},
+                  "trials": {r.pair: {"complete": r.complete, "pruned": r.pruned, "failed": r.failed} for r in result.pairs},
                   "protocols": {}}
         runs = [("crossfit", args.top_k, None)]
         if args.oof_top_k:

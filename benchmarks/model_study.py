@@ -49,7 +49,7 @@ def train_one(config: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from msa.platform.train import train_loop
+    from msa.platform.training.loop import train_loop
 
     started = time.perf_counter()
     result = train_loop(config)
@@ -82,8 +82,8 @@ def main() -> None:
     reference = {k: float(v) for k, v in (item.split("=") for item in args.reference.split(","))}
 
     from msa.ensembles.members import sweep_candidates
-    from msa.platform.sweep import run_sweep
-    from msa.platform.sweep_config import load_sweep_config
+    from msa.platform.sweep.config import load_sweep_config
+    from msa.platform.sweep.driver import run_sweep
 
     with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
         config_file = Path(scratch) / "sweep.yaml"
@@ -96,11 +96,12 @@ def main() -> None:
             "train": {"patience": 6},
         }))
         started = time.perf_counter()
-        (row,) = run_sweep(load_sweep_config(config_file))
+        result = run_sweep(load_sweep_config(config_file))
+        (row,) = result.pairs
         sweep_seconds = time.perf_counter() - started
 
         trials = []
-        for candidate in sweep_candidates(Path(row["run_dir"])):
+        for candidate in sweep_candidates(result.run_dir.root):
             metrics = json.loads((candidate.folder / "metrics.json").read_text())
             trials.append({"trial": candidate.trial_id, "folder": candidate.folder, "best_epoch": candidate.best_epoch,
                            "valid_mae": metrics["valid"]["mae"],
@@ -131,7 +132,7 @@ def main() -> None:
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "data": args.data, "model": args.model,
         "trials": args.trials, "max_epochs": args.epochs, "sweep_seconds": round(sweep_seconds, 1),
-        "states": {k: row[k] for k in ("complete", "pruned", "failed")},
+        "states": {k: getattr(row, k) for k in ("complete", "pruned", "failed")},
         "best_trial": {**best, "beats_reference": {
             "mae": best["test_mae"] < reference["mae"], "acc2_non0": best["test_acc2_non0"] > reference["acc2_non0"]}},
         "reference": reference, "best_config": best_config["model_config"] | {

@@ -75,10 +75,10 @@ def main() -> None:
 
     import ray
 
-    from msa.platform.config import build_dataclass
-    from msa.platform.cluster import TRIAL_SLOT
-    from msa.platform.sweep import run_sweep
-    from msa.platform.sweep_config import SweepConfig, validate_sweep_config
+    from msa.platform.core.config import build_dataclass
+    from msa.platform.sweep.cluster import TRIAL_SLOT
+    from msa.platform.sweep.config import SweepConfig, validate_sweep_config
+    from msa.platform.sweep.driver import run_sweep
 
     budget = args.random_trials * args.epochs
     started = time.perf_counter()
@@ -101,9 +101,9 @@ def main() -> None:
                                       "max_concurrent_trials": args.concurrent},
                         "storage": storage, "train": {"patience": args.epochs},
                     }, where="bench"), where="bench")
-                    (row,) = run_sweep(config)
+                    (row,) = run_sweep(config).pairs
                     (run_dir,) = Path(storage).glob(f"{method}-*")
-                    curves[method] = (sweep_curve(run_dir, row["mode"]), row)
+                    curves[method] = (sweep_curve(run_dir, row.mode), row)
             mode = curves["random"][1]["mode"]
             random_curve, tpe_curve = curves["random"][0], curves["tpe_asha"][0]
             random_best = random_curve[-1][1]
@@ -118,7 +118,7 @@ def main() -> None:
                 "tpe_asha_best_at_60pct": round(best_within(tpe_curve, 0.6 * budget), 4),
                 "tpe_asha_best_at_budget": round(best_within(tpe_curve, budget), 4),
                 "tpe_asha_trial_epochs_spent": tpe_curve[-1][0],
-                "tpe_asha_trials": {k: tpe_row[k] for k in ("trials", "complete", "pruned", "failed")},
+                "tpe_asha_trials": {k: getattr(tpe_row, k) for k in ("trials", "complete", "pruned", "failed")},
             })
     finally:
         ray.shutdown()

@@ -63,8 +63,9 @@ def failures(run_dir: Path, pair: str, trial_id: str) -> list[str]:
 
 
 def audit(run_dir: Path, trials: int, epochs: int) -> dict:
-    from msa.platform.mlflow_server import MlflowServer, client
-    from msa.platform.train import verify_checkpoint_weights
+    from msa.platform.tracking.client import client
+    from msa.platform.tracking.server import MlflowServer
+    from msa.platform.training.checkpoint import Checkpoint
 
     (database,) = (run_dir / "optuna").glob("*.db")
     pair = database.stem
@@ -100,7 +101,7 @@ def audit(run_dir: Path, trials: int, epochs: int) -> dict:
                 if run.info.status != "FINISHED":
                     lose(f"MLflow run {run.info.status}")
                 try:
-                    verify_checkpoint_weights(run_dir / "trials" / pair / trial_id, "soak")
+                    Checkpoint(run_dir / "trials" / pair / trial_id).verified_weights("soak")
                 except Exception as error:  # noqa: BLE001 - any failure to verify is a loss
                     lose(str(error))
                 steps = sorted(m.step for m in mlflow_client.get_metric_history(run.info.run_id, "train_loss"))
@@ -135,18 +136,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for the run (default: a temporary one)")
     args = parser.parse_args()
 
-    from msa.platform.sweep import run_sweep
-    from msa.platform.sweep_config import load_sweep_config
+    from msa.platform.sweep.config import load_sweep_config
+    from msa.platform.sweep.driver import run_sweep
 
     folder = args.out or Path(tempfile.mkdtemp(prefix="msa-soak-"))
     folder.mkdir(parents=True, exist_ok=True)
     config = write_inputs(folder, args.trials, args.epochs, args.seed, args.concurrent)
     started = time.monotonic()
-    (row,) = run_sweep(load_sweep_config(config))
+    result = run_sweep(load_sweep_config(config))
     wall = time.monotonic() - started
-    report = audit(Path(row["run_dir"]), args.trials, args.epochs)
+    report = audit(result.run_dir.root, args.trials, args.epochs)
     print(json.dumps({"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-                      "run_dir": row["run_dir"], "wall_s": round(wall, 1), "epochs": args.epochs,
+                      "run_dir": str(result.run_dir.root), "wall_s": round(wall, 1), "epochs": args.epochs,
                       "concurrent": args.concurrent, "seed": args.seed, **report}, indent=2))
 
 

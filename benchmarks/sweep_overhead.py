@@ -31,7 +31,8 @@ import torch
 def bare_run(params: dict, dataset, epochs: int, seed: int) -> float:
     """The same model, optimizer and batches as train_loop, with no Ray, DeepSpeed or checkpoints."""
     from msa.models.registry import build_model
-    from msa.platform.train import SplitTensors, predict, seed_everything, task_loss
+    from msa.platform.training.engine import seed_everything
+    from msa.platform.training.predict import SplitTensors, predict, task_loss
 
     seed_everything(seed)
     model_config = {k.split("/", 1)[1]: v for k, v in params.items() if k.startswith("model_config/")}
@@ -80,11 +81,11 @@ def main() -> None:
     import optuna
     import ray
 
-    from msa.platform.config import build_dataclass
-    from msa.platform.readers import load_dataset
-    from msa.platform.cluster import TRIAL_SLOT
-    from msa.platform.sweep import run_sweep
-    from msa.platform.sweep_config import SweepConfig, validate_sweep_config
+    from msa.platform.core.config import build_dataclass
+    from msa.platform.data.readers import load_dataset
+    from msa.platform.sweep.cluster import TRIAL_SLOT
+    from msa.platform.sweep.config import SweepConfig, validate_sweep_config
+    from msa.platform.sweep.driver import run_sweep
 
     with tempfile.TemporaryDirectory() as storage:
         config = validate_sweep_config(build_dataclass(SweepConfig, {

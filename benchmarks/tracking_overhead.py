@@ -35,11 +35,13 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
-    from msa.platform.mlflow_server import MlflowServer, client
-    from msa.platform.model_registry import load_registered, predict_splits, register_checkpoint
-    from msa.platform.readers import load_dataset, sha256_path
-    from msa.platform.tracking import EpochLogger, TrialTracking, log_trial_outcome, open_trial_run
-    from msa.platform.train import train_loop
+    from msa.platform.core.files import sha256_path
+    from msa.platform.data.readers import load_dataset
+    from msa.platform.tracking.client import client
+    from msa.platform.tracking.registry import load_registered, predict_splits, register_checkpoint
+    from msa.platform.tracking.runs import EpochLogger, TrialTracking, log_trial_outcome, open_trial_run
+    from msa.platform.tracking.server import MlflowServer
+    from msa.platform.training.loop import train_loop
 
     data = Path(args.data).resolve()
     dataset = load_dataset(data)

@@ -31,15 +31,16 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    from msa.platform.readers import load_dataset
-    from msa.platform.train import _ensure_process_group, _import_deepspeed, train_loop
+    from msa.platform.data.readers import load_dataset
+    from msa.platform.training.engine import ensure_process_group, import_deepspeed
+    from msa.platform.training.loop import train_loop
 
     import_msa_s = time.perf_counter() - started
     started = time.perf_counter()
-    deepspeed = _import_deepspeed(torch.cuda.is_available())
+    deepspeed = import_deepspeed(torch.cuda.is_available())
     import_deepspeed_s = time.perf_counter() - started
     started = time.perf_counter()
-    _ensure_process_group(deepspeed, torch.cuda.is_available())
+    ensure_process_group(deepspeed, torch.cuda.is_available())
     process_group_s = time.perf_counter() - started
     started = time.perf_counter()
     dataset = load_dataset(args.data)

@@ -24,30 +24,49 @@ Outputs (``<run dir>/ensembles/`` or ``--out``): leaderboard.json/.csv/.md/.html
 """
 from __future__ import annotations
 
-import contextlib
-import csv
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
+from msa.ensembles.config import EnsembleConfig, validate_ensemble_config
+from msa.ensembles.ensemble_model import register_ensemble
 from msa.ensembles.folds import grouped_folds
 from msa.ensembles.leaderboard import write_all
 from msa.ensembles.matrix import PredictionMatrix
 from msa.ensembles.members import (
-    Candidate, DatasetCache, Member, experiment_candidates, load_member, prediction_matrix, select_top_k,
+    Candidate,
+    DatasetCache,
+    Member,
+    experiment_candidates,
+    load_member,
+    prediction_matrix,
+    select_top_k,
     sweep_candidates,
 )
 from msa.ensembles.meta_learners import learners_for, make_meta_learner
 from msa.ensembles.protocol import PairedBootstrap, finite_metrics, fit_ensemble, score_test
 from msa.ensembles.retrain import out_of_fold_members, pool_folds, seed_members, training_config
-from msa.platform.errors import MsaError
-from msa.platform.metrics import METRIC_MODES, SUITE_METRICS, compute_metrics
-from msa.platform.sweep_config import EnsembleConfig, validate_ensemble_config
+from msa.platform.core.config import load_yaml_mapping, to_plain
+from msa.platform.core.errors import MsaError
+from msa.platform.core.metrics import SUITE_METRICS, compute_metrics, direction, loss_of
+from msa.platform.core.run_dir import RunDir
+from msa.platform.tracking.client import (
+    ROLE_TAG,
+    TRIAL_TAG,
+    client,
+    environment_tags,
+    experiment_id,
+    find_runs,
+    flatten,
+    log_metrics,
+    log_params,
+)
+from msa.platform.tracking.server import require_store, serving
+from msa.platform.training.checkpoint import Checkpoint
 
 ROLE = "ensembles"
 
@@ -72,12 +91,15 @@ class Row:
 
 
 def build_ensembles(options: EnsembleConfig, *, run_dir: Path | None = None, experiment: str | None = None,
-                    tracking_uri: str | None = None, out_dir: Path | None = None) -> dict[str, Any]:
+                    tracking_uri: str | None = None, out_dir: Path | None = None, datasets: DatasetCache | None = None,
+                    export: Path | None = None) -> dict[str, Any]:
     """Build every dataset's ensembles and leaderboard; returns the leaderboard document.
 
     Members come from `run_dir` (a sweep run directory) or from MLflow `experiment` at
     `tracking_uri`. Tracking goes to `tracking_uri`, else the sweep's configured server, else the
-    run directory's own store (served while this runs).
+    run directory's own store (served while this runs). `datasets` holds datasets already loaded
+    and hashed (`msa run` passes the sweep's); the leaderboard files are written to `out_dir`
+    (default ``<run dir>/ensembles``) and, when given, `export`.
 
     Raises:
         MsaError: bad options; no finished trials; top_k above a model's finished trials; a
@@ -87,23 +109,23 @@ def build_ensembles(options: EnsembleConfig, *, run_dir: Path | None = None, exp
     options = validate_ensemble_config(options, where="ensemble options")
     if run_dir is None and (experiment is None or not tracking_uri or out_dir is None):
         raise MsaError("give a sweep run directory, or --experiment with --tracking-uri and --out")
-    if run_dir is not None and not (run_dir / "sweep.yaml").is_file():
+    if run_dir is not None and not RunDir(run_dir).is_sweep():
         raise MsaError(f"{run_dir} is not a sweep run directory (no sweep.yaml)")
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "ensembles"
-    datasets = DatasetCache()
+    out_dir = Path(out_dir) if out_dir is not None else RunDir(run_dir).ensembles_dir
+    datasets = datasets if datasets is not None else DatasetCache()
+    configured = tracking_uri or (_sweep_tracking_uri(run_dir) if run_dir is not None else "")
     if run_dir is not None:
         chosen = select_top_k(sweep_candidates(run_dir), options.top_k)
         members = _load_members(chosen, datasets)  # every input check before a server starts
-    with _tracking(run_dir, tracking_uri) as uri:
+        if not configured:
+            require_store(run_dir)
+    with serving(configured, run_dir) as uri:
         if run_dir is None:
             chosen = select_top_k(experiment_candidates(uri, experiment, out_dir / "checkpoints"), options.top_k)
             members = _load_members(chosen, datasets)
-        from msa.platform.mlflow_server import client
-
         mlflow_client = client(uri)
         experiment_name = experiment or run_dir.name
-        found = mlflow_client.get_experiment_by_name(experiment_name)
-        experiment_id = found.experiment_id if found is not None else mlflow_client.create_experiment(experiment_name)
+        experiment_number = experiment_id(mlflow_client, experiment_name)
         entries = [_build_dataset(name, members[name], options, out_dir / name, datasets) for name in sorted(members)]
         board = {
             "run_dir": str(run_dir) if run_dir is not None else f"{uri} experiment {experiment_name}",
@@ -111,7 +133,7 @@ def build_ensembles(options: EnsembleConfig, *, run_dir: Path | None = None, exp
             "protocol": options.protocol, "folds": options.folds, "bootstrap": options.bootstrap,
             "datasets": [entry for entry, _ in entries],
         }
-        _track(mlflow_client, uri, experiment_id, options, board, entries, out_dir)
+        _track(mlflow_client, uri, experiment_number, options, board, entries, [out_dir, *([export] if export else [])])
     return board
 
 
@@ -124,25 +146,8 @@ def _load_members(chosen: dict[str, list[Candidate]], datasets: DatasetCache) ->
     return loaded
 
 
-@contextlib.contextmanager
-def _tracking(run_dir: Path | None, tracking_uri: str | None) -> Iterator[str]:
-    from msa.platform.mlflow_server import MlflowServer, check_tracking_uri, store_paths
-
-    configured = tracking_uri or (_sweep_tracking_uri(run_dir) if run_dir is not None else "")
-    if configured:
-        check_tracking_uri(configured)
-        yield configured
-        return
-    if not store_paths(run_dir)[0].is_file():
-        raise MsaError(f"{run_dir} has no MLflow store ({store_paths(run_dir)[0]}); pass --tracking-uri")
-    with MlflowServer(run_dir) as server:
-        yield server.uri
-
-
 def _sweep_tracking_uri(run_dir: Path) -> str:
-    from msa.platform.config import load_yaml_mapping
-
-    return str(load_yaml_mapping(run_dir / "sweep.yaml").get("tracking", {}).get("uri", "") or "")
+    return str(load_yaml_mapping(RunDir(run_dir).config_file).get("tracking", {}).get("uri", "") or "")
 
 
 def _build_dataset(name: str, members: list[Member], options: EnsembleConfig, folder: Path,
@@ -182,7 +187,7 @@ def _build_dataset(name: str, members: list[Member], options: EnsembleConfig, fo
 
 
 def _fingerprint(member: Member) -> str | None:
-    return json.loads((member.candidate.folder / "metrics.json").read_text()).get("dataset_fingerprint")
+    return Checkpoint(member.candidate.folder).metrics.get("dataset_fingerprint")
 
 
 def _member_row(member: Member, number: int, valid: PredictionMatrix, test: PredictionMatrix, best: Member) -> Row:
@@ -195,8 +200,7 @@ def _member_row(member: Member, number: int, valid: PredictionMatrix, test: Pred
 
 def _training_seconds(member: Member) -> float:
     """Seconds the member's training spent in its epochs (its history.csv)."""
-    with (member.candidate.folder / "history.csv").open(newline="") as handle:
-        return sum(float(row.get("epoch_seconds") or 0.0) for row in csv.DictReader(handle))
+    return Checkpoint(member.candidate.folder).epoch_seconds()
 
 
 def _seed_row(seeds: list[Member], count: int) -> Row:
@@ -262,8 +266,7 @@ def _entry(name: str, dataset, metric: str, rows: list[Row], valid: PredictionMa
     for row in rows:
         valid_score = compute_metrics(suite, row.valid_prediction, valid.labels)[metric]
         scored.append((row, valid_score))
-    sign = 1.0 if METRIC_MODES[metric] == "min" else -1.0
-    scored.sort(key=lambda pair: (math.inf if math.isnan(pair[1]) else sign * pair[1], pair[0].stack_level == 0))
+    scored.sort(key=lambda pair: (loss_of(metric, pair[1]), pair[0].stack_level == 0))
     out_rows = []
     for row, valid_score in scored:
         out_rows.append({
@@ -277,17 +280,16 @@ def _entry(name: str, dataset, metric: str, rows: list[Row], valid: PredictionMa
         })
     return {"dataset": name, "metric_suite": suite, "task": dataset.task, "selection_metric": metric,
             "metrics": list(SUITE_METRICS[suite]),
-            "directions": {m: "lower" if METRIC_MODES[m] == "min" else "higher" for m in SUITE_METRICS[suite]},
+            "directions": {m: direction(m) for m in SUITE_METRICS[suite]},
             "best_single": best.name, "rows": out_rows}
 
 
 def _track(mlflow_client, uri: str, experiment_id: str, options: EnsembleConfig, board: dict[str, Any],
-           entries: list[tuple[dict[str, Any], list[Row]]], out_dir: Path) -> None:
+           entries: list[tuple[dict[str, Any], list[Row]]], folders: list[Path]) -> None:
     """Runs, metrics, combiners, the registered best ensemble, then the leaderboard files (written
-    and logged last, so they hold the run ids and registry versions)."""
-    from msa.platform.config import to_plain
-    from msa.platform.tracking import ROLE_TAG, TRIAL_TAG, environment_tags, find_runs, flatten, log_metrics, log_params
-
+    and logged last, so they hold the run ids and registry versions) into each of `folders`; the
+    first also receives the combiners."""
+    out_dir = folders[0]
     tags = {**environment_tags(), ROLE_TAG: ROLE}
     parent = mlflow_client.create_run(experiment_id, run_name=ROLE, tags=tags).info.run_id
     status = "FAILED"
@@ -320,7 +322,7 @@ def _track(mlflow_client, uri: str, experiment_id: str, options: EnsembleConfig,
             if options.register:
                 _register_best(uri, child, entry, by_name, board)
             mlflow_client.set_terminated(child, status="FINISHED")
-        paths = write_all(board, out_dir)
+        paths = write_all(board, *folders)[0]
         for path in paths.values():
             mlflow_client.log_artifact(parent, str(path), artifact_path="leaderboard")
         status = "FINISHED"
@@ -343,8 +345,6 @@ def _registered_as(mlflow_client, run_id: str) -> str:
 def _register_best(uri: str, run_id: str, entry: dict[str, Any], rows: dict[str, Row], board: dict[str, Any]) -> None:
     """Register the best stacked ensemble by its cross-fitted valid score as ``msa-ensemble-<dataset>``
     (the seed ensemble is the baseline it is measured against, not a candidate)."""
-    from msa.ensembles.ensemble_model import register_ensemble
-
     best = next(row for row in entry["rows"] if row["kind"] == "ensemble")
     row = rows[best["name"]]
     metric = entry["selection_metric"]

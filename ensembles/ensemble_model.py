@@ -12,23 +12,20 @@ import json
 import tempfile
 from pathlib import Path
 
-import mlflow.pyfunc
 import numpy as np
-import yaml
 
 from msa.ensembles.meta_learners import combine
+from msa.platform.core.compat import untyped_python_model
+from msa.platform.tracking.registry import LoadedCheckpoint, register_pyfunc
+from msa.platform.training.checkpoint import Checkpoint
 
 DESCRIPTION = "ensemble.json"
 
 
-class EnsembleModel(mlflow.pyfunc.PythonModel):
+class EnsembleModel(untyped_python_model()):
     """Member checkpoints + combiner: ``predict({modality: (N,T,d), modality_lengths: (N,)})``."""
 
-    _skip_type_hint_validation = True  # the signature describes the input (see CheckpointModel)
-
     def load_context(self, context) -> None:
-        from msa.platform.model_registry import LoadedCheckpoint
-
         description = json.loads(Path(context.artifacts["description"]).read_text())
         self.combiner = description["combiner"]
         self.groups = [[LoadedCheckpoint(Path(context.artifacts[key])) for key in group] for group in description["groups"]]
@@ -41,8 +38,6 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 def register_ensemble(uri: str, run_id: str, name: str, groups: list[list[Path]], combiner: dict, task: str,
                       tags: dict[str, str]) -> str:
     """Log and register an ensemble of checkpoint `groups` combined by `combiner`; returns the version."""
-    from msa.platform.model_registry import checkpoint_spec, register_pyfunc
-
     artifacts: dict[str, str] = {}
     keys = []
     for number, group in enumerate(groups):
@@ -51,7 +46,7 @@ def register_ensemble(uri: str, run_id: str, name: str, groups: list[list[Path]]
             key = f"member{number}_{position}"
             artifacts[key] = str(folder)
             keys[-1].append(key)
-    spec = checkpoint_spec(yaml.safe_load((groups[0][0] / "config.yaml").read_text()))
+    spec = Checkpoint(groups[0][0]).spec
     with tempfile.TemporaryDirectory() as scratch:
         description = Path(scratch) / DESCRIPTION
         description.write_text(json.dumps({"task": task, "groups": keys, "combiner": combiner}, indent=2))

@@ -3,7 +3,7 @@
 Clips cut from one video share its speaker, recording and topic, so a fold split by clip lets a
 meta-learner see the "same" sample on both sides and flatters its estimate. The video id is parsed
 from the clip id: MMSA's ``video$_$clip`` (MOSI, MOSEI, SIMS pickles) or ``videoid_clipno``
-(``../shared/data/mosi_lite.npz``: the part before the last ``_``); an id with neither is its own
+(the part before the last ``_``, as in the project's .npz files); an id with neither is its own
 video.
 
 Example:
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from msa.platform.errors import MsaError
+from msa.platform.core.errors import MsaError
 
 MMSA_SEPARATOR = "$_$"
 

@@ -29,13 +29,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
-
-from msa.platform.errors import MsaError  # noqa: E402
-from msa.platform.readers import atomic_write  # noqa: E402
+from msa.platform.core.errors import MsaError
+from msa.platform.core.files import atomic_write, finite_or_none
+from msa.platform.tracking.plots import pyplot
 
 FORMATS = ("csv", "md", "json", "html")
 SUFFIXES = {"csv": ".csv", "md": ".md", "json": ".json", "html": ".html"}
@@ -68,18 +64,21 @@ def render(board: dict, fmt: str) -> str:
     return renderers[fmt](board)
 
 
-def write_all(board: dict, folder: Path, *, stem: str = "leaderboard") -> dict[str, Path]:
-    """Write ``<stem>.csv``, ``.md``, ``.json`` and ``.html`` into `folder`, each atomically.
+def write_all(board: dict, *folders: Path, stem: str = "leaderboard") -> list[dict[str, Path]]:
+    """Write ``<stem>.csv``, ``.md``, ``.json`` and ``.html`` into each of `folders`, each atomically.
 
-    Every rendering is made before the first file is written, so a rendering error writes nothing.
-    Returns the path of each format."""
+    Every format is rendered once, before the first file is written, so a rendering error
+    writes nothing. Returns, per folder, the path of each format."""
     texts = {fmt: render(board, fmt) for fmt in FORMATS}
-    paths: dict[str, Path] = {}
-    for fmt, text in texts.items():
-        path = Path(folder) / f"{stem}{SUFFIXES[fmt]}"
-        atomic_write(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8", newline=""))
-        paths[fmt] = path
-    return paths
+    written = []
+    for folder in folders:
+        paths: dict[str, Path] = {}
+        for fmt, text in texts.items():
+            path = Path(folder) / f"{stem}{SUFFIXES[fmt]}"
+            atomic_write(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8", newline=""))
+            paths[fmt] = path
+        written.append(paths)
+    return written
 
 
 def read_board(path: Path) -> dict:
@@ -110,7 +109,7 @@ def read_board(path: Path) -> dict:
 
 def to_json(board: dict) -> str:
     """The document itself, indented by 2; NaN and infinite floats become ``null``."""
-    return json.dumps(_finite(board), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return json.dumps(finite_or_none(board), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def to_csv(board: dict) -> str:
@@ -318,6 +317,7 @@ def chart_png(dataset_entry: dict) -> bytes:
             label = f"{row['name']} (best single)" if row["name"] == dataset_entry["best_single"] else str(row["name"])
             points.append((label.replace("$", r"\$"), value, low, high))  # no mathtext in names
 
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 1.5 + 0.4 * max(len(points), 1)))
     try:
         if points:
@@ -366,21 +366,6 @@ def _number(value: Any) -> float | int | None:
     return number if math.isfinite(number) else None
 
 
-def _finite(value: Any) -> Any:
-    """`value` with NaN/infinite floats replaced by None and numpy scalars made plain, recursively."""
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (str, bool, int)) or value is None:
-        return value
-    if hasattr(value, "item"):  # numpy scalar
-        return _finite(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    return value
-
-
 def _unique(items) -> list:
     return list(dict.fromkeys(items))
 
@@ -425,3 +410,25 @@ def _check_board(board: Any) -> str:
                     for m in row["members"]):
                 return f"{where}.rows[{r}].members must be a list of {{name, weight}}"
     return ""
+
+
+def export_board(source: Path, fmt: str, out: Path | None) -> str | None:
+    """`msa leaderboard`: render the leaderboard found at `source` (a run directory, an
+    ensembles folder or a leaderboard.json) as `fmt`; write it to `out` (atomically) and return
+    None, or return the text when `out` is None.
+
+    Raises:
+        MsaError: no leaderboard there, a malformed one, or a missing output folder.
+    """
+    path = Path(source)
+    if path.is_dir():
+        path = path / "ensembles" / "leaderboard.json" if (path / "ensembles").is_dir() else path / "leaderboard.json"
+    if not path.is_file():
+        raise MsaError(f"no leaderboard at {path}; run msa ensemble RUN_DIR first")
+    text = render(read_board(path), fmt)
+    if out is None:
+        return text
+    if not Path(out).parent.is_dir():
+        raise MsaError(f"--out {out}: folder {Path(out).parent} does not exist")
+    atomic_write(Path(out), lambda tmp: tmp.write_text(text))
+    return None

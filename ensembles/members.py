@@ -10,21 +10,25 @@ member's ids are the reference, and a member with another id set is an error tha
 """
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
+import optuna
+from optuna.trial import TrialState
 
 from msa.ensembles.matrix import PredictionMatrix
-from msa.platform.errors import MsaError
-from msa.platform.features import FeatureSet
-from msa.platform.metrics import METRIC_MODES
-from msa.platform.readers import load_dataset, sha256_path
+from msa.platform.core.errors import MsaError
+from msa.platform.core.files import sha256_path
+from msa.platform.core.metrics import loss_of
+from msa.platform.core.run_dir import RunDir
+from msa.platform.data.features import FeatureSet
+from msa.platform.data.readers import load_dataset
+from msa.platform.tracking.client import PAIR_TAG, ROLE_TAG, STATE_TAG, TRIAL_TAG, client
+from msa.platform.tracking.registry import LoadedCheckpoint, split_inputs
+from msa.platform.training.checkpoint import PREDICTED_SPLITS, Checkpoint
 
-ENSEMBLE_SPLITS = ("valid", "test")
+ENSEMBLE_SPLITS = PREDICTED_SPLITS
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class Member:
 
 def candidate_from_folder(folder: Path, pair: str, trial_id: str, run_id: str = "") -> Candidate:
     """A checkpoint folder (written by `train_loop`) as a candidate, from its metrics.json."""
-    stored = json.loads((folder / "metrics.json").read_text())
+    stored = Checkpoint(folder).metrics
     metric = stored["selection_metric"]
     score = stored["valid"].get(metric)
     return Candidate(model=stored["model"], dataset=stored["dataset"], pair=pair, trial_id=trial_id, folder=folder,
@@ -74,29 +78,24 @@ def candidate_from_folder(folder: Path, pair: str, trial_id: str, run_id: str = 
 
 def sweep_candidates(run_dir: Path) -> list[Candidate]:
     """The finished (COMPLETE or PRUNED) trials of every study of a sweep run directory."""
-    import optuna
-    from optuna.trial import TrialState
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    run_dir = RunDir(run_dir)
     candidates = []
-    for database in sorted((run_dir / "optuna").glob("*.db")):
-        pair, storage = database.stem, f"sqlite:///{database}"
+    for database in run_dir.study_dbs():
+        pair, storage = database.stem, run_dir.study_url(database.stem)
         if pair not in optuna.get_all_study_names(storage):  # interrupted before its study was written
             continue
         study = optuna.load_study(study_name=pair, storage=storage)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-            trial_id = trial.user_attrs.get("ray_trial_id", "")
-            folder = run_dir / "trials" / pair / trial_id
-            if trial_id and (folder / "metrics.json").is_file():
+            trial_id = trial.user_attrs.get(TRIAL_TAG, "")
+            folder = run_dir.trial(pair, trial_id)
+            if trial_id and Checkpoint(folder).exists():
                 candidates.append(candidate_from_folder(folder, pair, trial_id))
     return candidates
 
 
 def experiment_candidates(uri: str, experiment: str, download_to: Path) -> list[Candidate]:
     """The finished trial runs of MLflow experiment `experiment`, their checkpoints downloaded."""
-    from msa.platform.mlflow_server import client
-    from msa.platform.tracking import PAIR_TAG, ROLE_TAG, STATE_TAG, TRIAL_TAG
-
     mlflow_client = client(uri)
     found = mlflow_client.get_experiment_by_name(experiment)
     if found is None:
@@ -109,7 +108,7 @@ def experiment_candidates(uri: str, experiment: str, download_to: Path) -> list[
         if tags.get(STATE_TAG) not in ("complete", "pruned") or run.info.status != "FINISHED":
             continue
         target = download_to / tags[PAIR_TAG] / tags[TRIAL_TAG]
-        if not (target / "metrics.json").is_file():
+        if not Checkpoint(target).exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             mlflow_client.download_artifacts(run.info.run_id, "checkpoint", str(target.parent))
             (target.parent / "checkpoint").rename(target)
@@ -146,16 +145,16 @@ def select_top_k(candidates: list[Candidate], top_k: int) -> dict[str, list[Cand
 
 
 def _rank_key(candidate: Candidate) -> tuple[float, str]:
-    sign = 1.0 if METRIC_MODES[candidate.selection_metric] == "min" else -1.0
-    return sign * candidate.valid_score, candidate.name
+    return loss_of(candidate.selection_metric, candidate.valid_score), candidate.name
 
 
 class DatasetCache:
     """Datasets read for recomputing predictions, each once, checked against the fingerprint
     the trial recorded."""
 
-    def __init__(self) -> None:
-        self._loaded: dict[str, FeatureSet] = {}
+    def __init__(self, loaded: dict[str, FeatureSet] | None = None) -> None:
+        """`loaded`: datasets already in memory and hashed (a sweep's, in `msa run`), by path."""
+        self._loaded: dict[str, FeatureSet] = dict(loaded or {})
 
     def get(self, path: str, fingerprint: str | None, *, member: str) -> FeatureSet:
         if path not in self._loaded:
@@ -177,47 +176,21 @@ def load_member(candidate: Candidate, datasets: DatasetCache) -> Member:
     Raises:
         MsaError: missing weights, a SHA-256 mismatch, or unreadable predictions.
     """
-    from msa.platform.train import verify_checkpoint_weights
-
-    folder = candidate.folder
-    verify_checkpoint_weights(folder, f"member {candidate.name}")
-    stored = json.loads((folder / "metrics.json").read_text())
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    member = Member(candidate=candidate, task=config["data_spec"]["task"])
-    missing = [s for s in ENSEMBLE_SPLITS if not (folder / f"predictions_{s}.csv").is_file()]
+    checkpoint = Checkpoint(candidate.folder)
+    checkpoint.verified_weights(f"member {candidate.name}")
+    member = Member(candidate=candidate, task=checkpoint.spec.task)
+    missing = [s for s in ENSEMBLE_SPLITS if not checkpoint.has_predictions(s)]
     for split in ENSEMBLE_SPLITS:
         if split not in missing:
-            member.ids[split], member.labels[split], member.predictions[split] = read_predictions(
-                folder / f"predictions_{split}.csv", member.task)
+            stored = checkpoint.predictions(split)
+            member.ids[split], member.labels[split], member.predictions[split] = stored.ids, stored.labels, stored.values
     if missing:
-        _recompute(member, config, stored.get("dataset_fingerprint"), missing, datasets)
+        _recompute(member, checkpoint, missing, datasets)
     return member
 
 
-def read_predictions(path: Path, task: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
-    """Ids, labels and predictions of a checkpoint's predictions CSV (see `train.prediction_table`)."""
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        raise MsaError(f"{path} holds no predictions")
-    try:
-        ids = tuple(row["id"] for row in rows)
-        if task == "classification":
-            columns = [c for c in rows[0] if c.startswith("prob_")]
-            labels = np.asarray([int(row["label"]) for row in rows], dtype=np.int64)
-            predictions = np.asarray([[float(row[c]) for c in columns] for row in rows])
-        else:
-            labels = np.asarray([float(row["label"]) for row in rows])
-            predictions = np.asarray([float(row["prediction"]) for row in rows])
-    except (KeyError, ValueError) as exc:
-        raise MsaError(f"{path}: not a predictions file ({type(exc).__name__}: {exc})") from None
-    return ids, labels, predictions
-
-
-def _recompute(member: Member, config: dict, fingerprint: str | None, splits: list[str], datasets: DatasetCache) -> None:
-    from msa.platform.model_registry import LoadedCheckpoint, split_inputs
-
-    dataset = datasets.get(config["data"], fingerprint, member=member.name)
+def _recompute(member: Member, stored: Checkpoint, splits: list[str], datasets: DatasetCache) -> None:
+    dataset = datasets.get(stored.config["data"], stored.metrics.get("dataset_fingerprint"), member=member.name)
     checkpoint = LoadedCheckpoint(member.candidate.folder)
     for split in splits:
         part = dataset.splits[split]

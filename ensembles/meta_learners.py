@@ -37,8 +37,8 @@ import numpy as np
 from scipy.optimize import nnls
 
 from msa.ensembles.matrix import PredictionMatrix
-from msa.platform.errors import MsaError
-from msa.platform.metrics import METRIC_MODES, SUITE_METRICS, compute_metrics
+from msa.platform.core.errors import MsaError
+from msa.platform.core.metrics import SUITE_METRICS, best_of, compute_metrics
 
 TASKS = ("regression", "classification")
 # Probabilities are clipped here before the log, so a member that is certain does not give -inf.
@@ -430,7 +430,7 @@ class Caruana(MetaLearner):
             total = total + predictions[:, winner]
             self.trajectory.append(float(scores[winner]))
         trajectory = np.array(self.trajectory)
-        best = trajectory.min() if METRIC_MODES[self.metric] == "min" else trajectory.max()
+        best = best_of(self.metric, trajectory)
         kept = chosen[: int(np.flatnonzero(trajectory == best)[0]) + 1]
         self.combiner = _weighted(np.bincount(kept, minlength=predictions.shape[1]) / len(kept))
 
@@ -439,7 +439,7 @@ class Caruana(MetaLearner):
         if np.isnan(scores).all():
             raise MsaError(f"meta-learner 'caruana': metric {self.metric!r} is undefined (NaN) for every "
                            "candidate on these labels; choose another selection metric")
-        best = np.nanmin(scores) if METRIC_MODES[self.metric] == "min" else np.nanmax(scores)
+        best = best_of(self.metric, scores)
         tied = np.flatnonzero(scores == best)
         reused = tied[counts[tied] > 0]
         if reused.size:

@@ -20,7 +20,8 @@ import numpy as np
 
 from msa.ensembles.matrix import PredictionMatrix
 from msa.ensembles.meta_learners import MetaLearner
-from msa.platform.metrics import compute_metrics
+from msa.platform.core.files import finite_or_none
+from msa.platform.core.metrics import compute_metrics
 
 
 @dataclass
@@ -67,8 +68,11 @@ class PairedBootstrap:
     resamples as the reference, whose scores are computed once.
 
     Example:
-        >>> boot = PairedBootstrap("mosi", truth, best_single_prediction, resamples=1000)
-        >>> boot.compare(ensemble_prediction)["mae"]   # {"diff": ..., "low": ..., "high": ...}
+        >>> truth = np.array([0.5, -1.0, 2.0, 0.0, 1.5, -0.5])
+        >>> boot = PairedBootstrap("mosi", truth, truth + 0.5, resamples=200)  # the best single model: MAE 0.5
+        >>> mae = boot.compare(truth + 0.25)["mae"]  # a prediction with MAE 0.25 on every resample
+        >>> round(mae["diff"], 3), round(mae["low"], 3), round(mae["high"], 3)
+        (-0.25, -0.25, -0.25)
     """
 
     def __init__(self, suite: str, truth: np.ndarray, reference: np.ndarray, *, resamples: int, seed: int = 0):
@@ -92,15 +96,10 @@ class PairedBootstrap:
             values = np.asarray(draws[name], dtype=np.float64)
             values = values[np.isfinite(values)]
             low, high = np.percentile(values, [2.5, 97.5]) if len(values) else (math.nan, math.nan)
-            out[name] = {"diff": _finite(value - self.reference_full[name]), "low": _finite(float(low)),
-                         "high": _finite(float(high))}
+            out[name] = finite_or_none({"diff": value - self.reference_full[name], "low": float(low), "high": float(high)})
         return out
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def finite_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
     """Metrics with undefined (NaN) values as None, as the leaderboard stores them."""
-    return {name: _finite(float(value)) for name, value in metrics.items()}
+    return finite_or_none({name: float(value) for name, value in metrics.items()})

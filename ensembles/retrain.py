@@ -19,29 +19,26 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from msa.ensembles.folds import grouped_folds
 from msa.ensembles.members import Candidate, DatasetCache, Member, candidate_from_folder, load_member
-from msa.platform.features import FeatureSet, Split
+from msa.platform.data.features import FeatureSet, Split
+from msa.platform.training.checkpoint import Checkpoint
+from msa.platform.training.loop import train_loop
 
 
 def training_config(folder: Path) -> dict:
     """The resolved train config a checkpoint folder records (without its data description)."""
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    config.pop("data_spec", None)
-    return config
+    return Checkpoint(folder).train_config()
 
 
 def retrain(source: Path, dataset: FeatureSet, out: Path, *, seed: int, epochs: int | None = None) -> Path:
     """Train `source`'s configuration again into `out` with `seed`; with `epochs`, train exactly
     that many and keep the last. Reuses `out` when it already holds that very run."""
-    from msa.platform.train import train_loop
-
     config = {**training_config(source), "seed": seed, "out": str(out)}
     if epochs is not None:
         config["epochs"] = epochs
-    if (out / "metrics.json").is_file() and training_config(out) == config:
+    if Checkpoint(out).exists() and training_config(out) == config:
         return out
     if out.exists():  # an interrupted or different run of ours: start it over
         shutil.rmtree(out)

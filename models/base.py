@@ -3,7 +3,8 @@
 
 A model is an `nn.Module` built as `Model(spec, config)` whose forward takes per-modality padded
 sequences and their lengths and returns a `ModelOutput`. The training loop adds
-`task_loss + sum(model.loss_weights[k] * aux_losses[k])`.
+`task_loss + sum(model.loss_weights[k] * aux_losses[k])`; `check_model_config` holds the checks
+every model config shares (those weights, attention heads). `DataSpec` itself is `msa.platform.core.spec`'s.
 """
 from __future__ import annotations
 
@@ -11,38 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-MODALITIES = ("text", "audio", "vision")
-TASKS = ("regression", "classification")
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What a model needs to know about a dataset to be built.
-
-    Args:
-        dims: feature size per modality, in canonical order, e.g. ``{"text": 384, "audio": 73}``.
-        max_lengths: padded sequence length per modality.
-        task: ``"regression"`` (one score) or ``"classification"``.
-        num_classes: number of classes (0 for regression).
-
-    Example:
-        >>> DataSpec(dims={"text": 8, "audio": 4}, max_lengths={"text": 5, "audio": 1},
-        ...          task="regression", num_classes=0).output_size
-        1
-    """
-
-    dims: dict[str, int]
-    max_lengths: dict[str, int]
-    task: str
-    num_classes: int = 0
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return tuple(self.dims)
-
-    @property
-    def output_size(self) -> int:
-        return self.num_classes if self.task == "classification" else 1
+from msa.platform.core.errors import MsaError
 
 
 @dataclass
@@ -58,3 +28,19 @@ class ModelOutput:
     prediction: torch.Tensor
     fused: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def check_model_config(config, model: str) -> None:
+    """The checks every model config shares: no negative loss weight (a ``w_*`` field; it would
+    maximise its loss instead of minimising it), and ``heads`` dividing the width ``d`` where a
+    config has both.
+
+    Raises:
+        MsaError: naming the model and the field.
+    """
+    for name, value in vars(config).items():
+        if name.startswith("w_") and value < 0:
+            raise MsaError(f"{model}: {name} must be >= 0, got {value}")
+    heads, width = getattr(config, "heads", None), getattr(config, "d", None)
+    if heads is not None and width is not None and width % heads:
+        raise MsaError(f"{model}: heads ({heads}) must divide d ({width})")

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from msa.models.base import DataSpec, ModelOutput
+from msa.models.base import ModelOutput
 from msa.models.layers import masked_mean
+from msa.platform.core.spec import DataSpec
 
 
 @dataclass

@@ -45,8 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msa.models.base import DataSpec, ModelOutput
+from msa.models.base import ModelOutput, check_model_config
 from msa.models.layers import length_mask, masked_mean, mlp, sinusoidal_positions
+from msa.platform.core.errors import MsaError
+from msa.platform.core.spec import DataSpec
 
 
 @dataclass
@@ -89,13 +91,7 @@ class DBRConfig:
     w_decorr: float = 0.01
 
     def __post_init__(self) -> None:
-        from msa.platform.errors import MsaError
-
-        for name, value in vars(self).items():
-            if name.startswith("w_") and value < 0:  # a negative weight would maximise its loss
-                raise MsaError(f"DBR: {name} must be >= 0, got {value}")
-        if self.d % self.heads:
-            raise MsaError(f"DBR: heads ({self.heads}) must divide d ({self.d})")
+        check_model_config(self, "DBR")
         for name in ("conv_kernel", "tsf_kernel"):
             if getattr(self, name) < 1 or getattr(self, name) % 2 == 0:
                 raise MsaError(f"DBR: {name} must be odd and >= 1, got {getattr(self, name)}")

@@ -13,7 +13,7 @@ latest fused projections per class and adds a supervised contrastive loss whose 
 angle-compensated by their label distance. Every part can be switched off from the config:
 ``use_moq``, ``use_dcq``, and any loss by a weight of 0 (it is then not computed).
 
-Reconstruction choices (MODELS.md [R]), one line each:
+Reconstruction choices ([R]: where the paper leaves a choice open), one line each:
 - [R] MoQ block = pre-norm query self-attention -> cross-attention to the projected, masked sequence -> FFN (4d); `moq_depth` blocks (default 1).
 - [R] router = softmax of a linear map of the masked mean of the projected sequence; top-k weights renormalised to sum 1; experts run densely as one batched computation (per-expert weights stacked), unselected ones weighted 0.
 - [R] in training, an expert no sample of the batch chose receives gradient (not output) from its fair share (B/E) of the samples that prefer it most, at their router probability, so no expert is starved; outputs are those of plain top-k routing.
@@ -45,8 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msa.models.base import DataSpec, ModelOutput
+from msa.models.base import ModelOutput, check_model_config
 from msa.models.layers import ConcatCritic, infonce_lower_bound, length_mask, masked_mean, mlp, nce_club_upper_bound
+from msa.platform.core.errors import MsaError
+from msa.platform.core.spec import DataSpec
 
 
 @dataclass
@@ -98,13 +100,7 @@ class FINEConfig:
     w_mi_task_unique: float = 0.02
 
     def __post_init__(self) -> None:
-        from msa.platform.errors import MsaError
-
-        for name, value in vars(self).items():
-            if name.startswith("w_") and value < 0:  # a negative weight would maximise its loss
-                raise MsaError(f"FINE: {name} must be >= 0, got {value}")
-        if self.d % self.heads:
-            raise MsaError(f"FINE: heads ({self.heads}) must divide d ({self.d})")
+        check_model_config(self, "FINE")
         if not 1 <= self.top_k <= self.n_experts:
             raise MsaError(f"FINE: top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
         if self.regression_classes not in (3, 7):

@@ -1,5 +1,5 @@
 """The invariant model: invariant-guided fusion with sequential variation regularization (Xu, Song,
-Xue, Liu, Wang, Zhang, arXiv 2409.00143; built from its v1 code, "SATI", and MODELS.md section 2).
+Xue, Liu, Wang, Zhang, arXiv 2409.00143; built from its v1 code, "SATI").
 
 Each modality is encoded (text projected; audio and vision through a one-layer Transformer over
 the raw features, then projected), split per step into a private code (its own encoder) and a
@@ -14,7 +14,8 @@ the real steps and mapped to the prediction. The sequential variation regularize
 divergence between the feature distributions of consecutive steps of every modality with more
 than one step.
 
-Reconstruction choices (MODELS.md [R]) and fixes to the released code, one line each:
+Reconstruction choices ([R]: where the paper and code leave a choice open) and fixes to the
+released code, one line each:
 - [fix] the released gate is hard (sign of tanh, 0 or 1) and has zero gradient, so its layers never train; here it is sigmoid(linear(FBP(...))).
 - [fix] the released code reuses the audio-text gate layer for the vision-text stream (its own layer is never used); here every stream has its own gate.
 - [R] the released gate pools aligned sequences step by step; the data here is unaligned, so the gate of query step t reads FBP(shared_query[t], masked mean of the other modality's shared codes).
@@ -37,8 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msa.models.base import DataSpec, ModelOutput
+from msa.models.base import ModelOutput, check_model_config
 from msa.models.layers import GradientReversal, length_mask, masked_mean, sinusoidal_positions
+from msa.platform.core.errors import MsaError
+from msa.platform.core.spec import DataSpec
 
 DIVERGENCES = ("jsd", "l1", "l2")
 
@@ -73,13 +76,7 @@ class InvariantConfig:
     w_seqvar: float = 1.0
 
     def __post_init__(self) -> None:
-        from msa.platform.errors import MsaError
-
-        for name, value in vars(self).items():
-            if name.startswith("w_") and value < 0:  # a negative weight would maximise its loss
-                raise MsaError(f"invariant: {name} must be >= 0, got {value}")
-        if self.d % self.heads:
-            raise MsaError(f"invariant: heads ({self.heads}) must divide d ({self.d})")
+        check_model_config(self, "invariant")
         if self.divergence not in DIVERGENCES:
             raise MsaError(f"invariant: divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
         if self.fbp_hidden < 1 or self.fbp_k < 1:

@@ -1,4 +1,4 @@
-"""The single model registry: CLI choices, docs and the shared model tests all derive from `MODELS`.
+"""The single model registry: `msa models`, config validation and the shared model tests derive from `MODELS`.
 
 Register a model by adding one `ModelEntry`; nothing else in the platform names models.
 """
@@ -9,25 +9,37 @@ from typing import Any
 
 from torch import nn
 
-from msa.models.base import DataSpec
 from msa.models.baseline import BaselineConfig, BaselineModel
 from msa.models.dbr import DBRConfig, DBRModel
 from msa.models.fine import FINEConfig, FINEModel
 from msa.models.invariant import InvariantConfig, InvariantModel
 from msa.models.tfn import TFNConfig, TFNModel
-from msa.platform.config import build_dataclass
-from msa.platform.errors import MsaError
+from msa.platform.core.config import build_dataclass
+from msa.platform.core.errors import MsaError
+from msa.platform.core.spec import DataSpec
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     """A registered model: its module class, its config dataclass, one line about it, and the
-    fewest modalities it accepts (every model takes any subset of at least 2)."""
+    fewest modalities it accepts (a model takes any subset of the modalities with at least
+    `min_modalities` of them; `require_modalities` holds every entry point to it)."""
 
     model_class: type[nn.Module]
     config_class: type
     summary: str
     min_modalities: int = 2
+
+    def require_modalities(self, name: str, modalities: tuple[str, ...], *, what: str) -> None:
+        """Refuse data with fewer modalities than the model needs (`what` names the data).
+
+        Raises:
+            MsaError: naming the model, its minimum and the data's modalities.
+        """
+        if len(modalities) < self.min_modalities:
+            raise MsaError(f"model {name!r} needs at least {self.min_modalities} modalities but {what} has "
+                           f"{len(modalities)} ({', '.join(modalities)}); use a model that takes fewer "
+                           f"({', '.join(n for n, e in MODELS.items() if e.min_modalities <= len(modalities))})")
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -63,8 +75,11 @@ def get_entry(name: str) -> ModelEntry:
     return MODELS[name]
 
 
+def build_model_config(name: str, model_config: dict[str, Any] | None = None, *, where: str = "") -> Any:
+    """Model `name`'s config dataclass with `model_config` overriding its defaults."""
+    return build_dataclass(get_entry(name).config_class, model_config or {}, where=where or f"model_config of {name!r}")
+
+
 def build_model(name: str, spec: DataSpec, model_config: dict[str, Any] | None = None) -> nn.Module:
     """Build model `name` for `spec` with `model_config` overriding its config defaults."""
-    entry = get_entry(name)
-    config = build_dataclass(entry.config_class, model_config or {}, where=f"model_config of {name!r}")
-    return entry.model_class(spec, config)
+    return get_entry(name).model_class(spec, build_model_config(name, model_config))

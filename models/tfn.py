@@ -1,7 +1,7 @@
 """TFN: Tensor Fusion Network (Zadeh et al., EMNLP 2017), as a second reference model.
 
-A peer the real models must beat; MMSA 2.2.1's TFN reaches test MAE 0.929 on
-../shared/data/mosi_lite.npz (see its README). Per modality a subnetwork gives a vector: a
+A peer the real models must beat; MMSA 2.2.1's TFN reaches test MAE 0.929 on the mosi_lite
+subset of CMU-MOSI (text + audio) that the benchmarks use. Per modality a subnetwork gives a vector: a
 sequence modality (padded length > 1) goes through an LSTM read at its last real step, an
 utterance-level modality (length 1) through an MLP. The vectors, each extended with a constant 1,
 are fused by their outer product (unimodal, bimodal and trimodal interactions in one tensor),
@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from msa.models.base import DataSpec, ModelOutput
+from msa.models.base import ModelOutput
+from msa.platform.core.spec import DataSpec
 
 
 @dataclass

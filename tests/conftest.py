@@ -16,18 +16,24 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_path(repo_root) -> Path:
+    """The embedded default sweep config, `sweeps/demo.yaml`."""
+    return repo_root / "sweeps" / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
 def mosi_lite_path() -> Path:
     path = SHARED_DATA / "mosi_lite.npz"
     if not path.is_file():
-        pytest.skip(f"real data not available: {path} (see ../shared/data/README.md)")
+        pytest.skip(f"real data not available: {path} (the shared data folder sits beside the repository)")
     return path
 
 
 @pytest.fixture(scope="session")
 def synth_regression_pkl(tmp_path_factory) -> Path:
     """A small synthetic regression set in the MMSA pickle schema."""
-    from msa.platform.readers import write_mmsa_pickle
-    from msa.platform.synth import synthesize
+    from msa.platform.data.readers import write_mmsa_pickle
+    from msa.platform.data.synth import synthesize
 
     path = tmp_path_factory.mktemp("data") / "synth_regression.pkl"
     write_mmsa_pickle(synthesize("regression", seed=0, sizes=SMALL_SIZES), path)
@@ -37,8 +43,8 @@ def synth_regression_pkl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_classification_npz(tmp_path_factory) -> Path:
     """A small synthetic 20-class set in the project's .npz format."""
-    from msa.platform.readers import write_npz
-    from msa.platform.synth import synthesize
+    from msa.platform.data.readers import write_npz
+    from msa.platform.data.synth import synthesize
 
     path = tmp_path_factory.mktemp("data") / "synth_classification.npz"
     write_npz(synthesize("classification", seed=0, sizes={"train": 400, "valid": 100, "test": 100}), path)
@@ -50,7 +56,7 @@ def ray_runtime():
     """One local Ray runtime for every in-process sweep test (a Ray start costs seconds)."""
     import ray
 
-    from msa.platform.cluster import TRIAL_SLOT
+    from msa.platform.sweep.cluster import TRIAL_SLOT
 
     ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, dashboard_host="127.0.0.1")
     yield ray
@@ -62,7 +68,8 @@ def tracking_store():
     """Serve a sweep run directory's MLflow store while a test reads it: ``with tracking_store(run_dir) as client``."""
     import contextlib
 
-    from msa.platform.mlflow_server import MlflowServer, client
+    from msa.platform.tracking.client import client
+    from msa.platform.tracking.server import MlflowServer
 
     @contextlib.contextmanager
     def serve(run_dir: Path):

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import yaml
 
-from msa.ensembles.members import DatasetCache, load_member, read_predictions, sweep_candidates
+from msa.ensembles.members import DatasetCache, load_member, sweep_candidates
 from msa.ensembles.retrain import retrain
 from msa.platform.cli import main
-from msa.platform.metrics import METRIC_MODES, compute_metrics
-from msa.platform.readers import load_dataset
-from msa.platform.sweep import run_sweep
-from msa.platform.sweep_config import load_sweep_config
-from msa.platform.tracking import ROLE_TAG, TRIAL_TAG
+from msa.platform.core.metrics import METRIC_MODES, compute_metrics
+from msa.platform.data.readers import load_dataset
+from msa.platform.sweep.config import load_sweep_config
+from msa.platform.sweep.driver import run_sweep
+from msa.platform.tracking.client import ROLE_TAG, TRIAL_TAG
+from msa.platform.training.checkpoint import Checkpoint
 
 DATASETS = ("synth_classification", "synth_regression")
 FAST = ["--seeds", "2", "--folds", "3", "--bootstrap", "200"]
@@ -36,9 +37,9 @@ def run_dir(ray_runtime, tmp_path_factory) -> Path:
         "search": {"seed": 0, "scheduler": "none"}, "resources": {"workers_per_trial": 1, "max_concurrent_trials": 2},
         "train": {"patience": 3},
     }))
-    rows = run_sweep(load_sweep_config(path))
-    assert sum(r["complete"] for r in rows) == 8
-    return Path(rows[0]["run_dir"])
+    result = run_sweep(load_sweep_config(path))
+    assert sum(p.complete for p in result.pairs) == 8
+    return result.run_dir.root
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def entry_of(board: dict, dataset: str) -> dict:
 def stored_test_predictions(run_dir: Path, member: str, task: str) -> np.ndarray:
     model, trial = member.split("/")
     (folder,) = (run_dir / "trials").glob(f"{model}-*/{trial}")
-    return read_predictions(folder / "predictions_test.csv", task)[2]
+    return Checkpoint(folder).predictions("test").values
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -168,7 +169,7 @@ def test_out_of_fold_protocol_stacks_on_retrained_fold_models(board, run_dir, tm
     # Each member column is its 3 fold models (trained on train+valid folds), averaged on test.
     groups = [[Path(p) for p in group] for group in combiners["mean"]["groups"]]
     assert [len(g) for g in groups] == [3, 3]
-    columns = [np.mean([read_predictions(f / "predictions_test.csv", "regression")[2] for f in g], axis=0) for g in groups]
+    columns = [np.mean([Checkpoint(f).predictions("test").values for f in g], axis=0) for g in groups]
     truth = load_dataset(run_dir / "data" / "synth_regression.pkl").splits["test"].labels
     assert compute_metrics("mosi", np.mean(columns, axis=0), truth)["mae"] == pytest.approx(mean["test"]["mae"])
     fold_config = yaml.safe_load((groups[0][0] / "config.yaml").read_text())
@@ -178,7 +179,7 @@ def test_out_of_fold_protocol_stacks_on_retrained_fold_models(board, run_dir, tm
 
 
 def test_members_can_come_from_an_mlflow_experiment(board, run_dir, tmp_path):
-    from msa.platform.mlflow_server import MlflowServer
+    from msa.platform.tracking.server import MlflowServer
 
     out = tmp_path / "from-mlflow"
     with MlflowServer(run_dir) as server:
@@ -270,7 +271,13 @@ def test_bad_ensemble_options_are_refused(run_copy, capsys):
     assert_refused(["ensemble", str(run_copy.parent / "nowhere")], run_copy, capsys, "not a sweep run directory")
 
 
-def test_msa_run_sweeps_ensembles_and_exports_the_leaderboard(ray_runtime, tmp_path, capsys):
+def test_msa_run_sweeps_ensembles_and_exports_the_leaderboard(ray_runtime, tmp_path, capsys, monkeypatch):
+    """One job: one MLflow server for both halves, the dataset loaded once (the seed ensemble
+    retrains on the sweep's copy: nothing reads a dataset file again), one leaderboard rendering."""
+    from msa.ensembles import members
+
+    reads = []
+    monkeypatch.setattr(members, "load_dataset", lambda *a, **k: reads.append(a) or load_dataset(*a, **k))
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump({
         "name": "pipeline", "storage": str(tmp_path / "sweeps"), "datasets": ["synth_regression"], "models": ["baseline"],
@@ -288,6 +295,10 @@ def test_msa_run_sweeps_ensembles_and_exports_the_leaderboard(ray_runtime, tmp_p
     (entry,) = board["datasets"]
     assert {r["name"] for r in entry["rows"] if r["kind"] == "ensemble"} == {"nnls", "caruana"}  # the config's learners
     assert "[synth_regression] ranked by valid mae" in printed and "msa-ensemble-synth_regression@1" in printed
+    assert (run_dir / "mlflow" / "server.log").read_text().count("Uvicorn running on") == 1
+    assert reads == []
+    for ext in ("csv", "md", "json", "html"):
+        assert (export / f"leaderboard.{ext}").read_bytes() == (run_dir / "ensembles" / f"leaderboard.{ext}").read_bytes()
 
 
 def test_an_ensemble_after_a_partial_sweep_uses_only_finished_trials_with_verified_checkpoints(run_copy):

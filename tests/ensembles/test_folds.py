@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from msa.ensembles.folds import grouped_folds, video_id
-from msa.platform.errors import MsaError
+from msa.platform.core.errors import MsaError
 
 
 @pytest.mark.parametrize("clip, video", [

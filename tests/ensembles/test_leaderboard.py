@@ -42,7 +42,7 @@ from msa.ensembles.leaderboard import (
     to_markdown,
     write_all,
 )
-from msa.platform.errors import MsaError
+from msa.platform.core.errors import MsaError
 
 MOSI_METRICS = ["acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7", "mae", "corr"]
 CLASS_METRICS = ["acc", "f1_macro", "precision_macro", "recall_macro"]
@@ -365,7 +365,7 @@ def test_json_writes_nan_as_null_and_is_strict_json(board):
 
 def test_write_all_writes_four_files_atomically_and_read_board_round_trips(board, tmp_path):
     folder = tmp_path / "out" / "leaderboard"
-    paths = write_all(board, folder)
+    (paths,) = write_all(board, folder)
     assert set(paths) == set(FORMATS)
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["leaderboard.csv", "leaderboard.md", "leaderboard.json", "leaderboard.html"])  # no *.partial left
@@ -377,7 +377,7 @@ def test_write_all_writes_four_files_atomically_and_read_board_round_trips(board
     for fmt in FORMATS:
         assert render(again, fmt) == render(board, fmt)
 
-    custom = write_all(board, folder, stem="final")
+    (custom,) = write_all(board, folder, stem="final")
     assert {p.name for p in custom.values()} == {"final.csv", "final.md", "final.json", "final.html"}
     assert len(list(folder.iterdir())) == 8
 

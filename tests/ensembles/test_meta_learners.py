@@ -33,8 +33,8 @@ from msa.ensembles.meta_learners import (
     learners_for,
     make_meta_learner,
 )
-from msa.platform.errors import MsaError
-from msa.platform.metrics import compute_metrics
+from msa.platform.core.errors import MsaError
+from msa.platform.core.metrics import compute_metrics
 
 # task -> (metric suite, selection metric)
 SUITES = {"regression": ("mosi", "mae"), "classification": ("classification", "acc")}

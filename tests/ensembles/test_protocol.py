@@ -9,7 +9,7 @@ from msa.ensembles.folds import grouped_folds
 from msa.ensembles.matrix import PredictionMatrix
 from msa.ensembles.meta_learners import TestSplitError, make_meta_learner
 from msa.ensembles.protocol import PairedBootstrap, cross_fit, fit_ensemble, score_test
-from msa.platform.metrics import compute_metrics
+from msa.platform.core.metrics import compute_metrics
 
 
 def regression_matrix(split: str, n: int, members: int, seed: int, *, useful: int = 2) -> PredictionMatrix:

@@ -9,12 +9,17 @@ import json
 import pytest
 import torch
 
-from msa.models.base import DataSpec
 from msa.models.dbr import (
-    AnchorGuidedPrivateRouting, DBRConfig, DBRModel, TemporalStructuralFusion, hinge_margin_loss, segment_pool,
+    AnchorGuidedPrivateRouting,
+    DBRConfig,
+    DBRModel,
+    TemporalStructuralFusion,
+    hinge_margin_loss,
+    segment_pool,
 )
 from msa.models.layers import length_mask
-from msa.platform.errors import MsaError
+from msa.platform.core.errors import MsaError
+from msa.platform.core.spec import DataSpec
 
 DIMS = {"text": 12, "audio": 5, "vision": 7}
 MODALITIES = ("text", "audio", "vision")
@@ -127,7 +132,7 @@ def test_impossible_configs_are_refused(bad, message):
 
 
 def test_mintrec_style_classification_trains(synth_classification_npz, tmp_path):
-    from msa.platform.train import train_loop
+    from msa.platform.training.loop import train_loop
 
     result = train_loop({"model": "dbr", "data": str(synth_classification_npz), "out": str(tmp_path / "dbr"),
                          "epochs": 6, "batch_size": 32, "lr": 2e-3, "patience": 6,

@@ -8,10 +8,10 @@ import csv
 import pytest
 import torch
 
-from msa.models.base import DataSpec
 from msa.models.invariant import InvariantConfig, InvariantModel, central_moment_discrepancy, sequential_variation
 from msa.models.layers import length_mask
-from msa.platform.errors import MsaError
+from msa.platform.core.errors import MsaError
+from msa.platform.core.spec import DataSpec
 
 DIMS = {"text": 12, "audio": 5, "vision": 7}
 
@@ -145,7 +145,7 @@ def test_impossible_configs_are_refused(bad, message):
 
 
 def test_every_aux_loss_reaches_the_training_history(synth_regression_pkl, tmp_path):
-    from msa.platform.train import train_loop
+    from msa.platform.training.loop import train_loop
 
     result = train_loop({"model": "invariant", "data": str(synth_regression_pkl), "out": str(tmp_path / "inv"),
                          "epochs": 1, "batch_size": 16, "model_config": {"d": 16, "heads": 2}})

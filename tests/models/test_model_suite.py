@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msa.models.base import MODALITIES, DataSpec, ModelOutput
+from msa.models.base import ModelOutput
 from msa.models.registry import MODELS, build_model
+from msa.platform.core.spec import MODALITIES, DataSpec
 
 DIMS = {"text": 12, "audio": 5, "vision": 7}
 MAX_LENGTHS = {"text": 6, "audio": 9, "vision": 4}

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from msa.platform.cli import main
-from msa.platform.readers import write_mmsa_pickle, write_npz
-from msa.platform.synth import synthesize
+from msa.platform.data.readers import write_mmsa_pickle, write_npz
+from msa.platform.data.synth import synthesize
 
 SIZES = {"train": 24, "valid": 8, "test": 8}
 SWEEP = "name: bad\ndatasets: [synth_regression]\nmodels: [baseline]\nstorage: runs\n"
@@ -49,6 +49,17 @@ def space_sweep(folder: Path, space: str) -> list[str]:
     return ["sweep", write(folder, "s.yaml", SWEEP + "search: {spaces: {baseline: space.yaml}}\n")]
 
 
+def text_only_npz(folder: Path) -> str:
+    write_npz(synthesize("regression", seed=1, sizes=SIZES, dims={"text": 8}, max_lengths={"text": 5}), folder / "text.npz")
+    return "text.npz"
+
+
+def text_only_sweep(folder: Path, command: str, model: str) -> list[str]:
+    """`msa sweep` or `msa run` of `model` on a text-only dataset."""
+    return [command, write(folder, "s.yaml", SWEEP.replace("[synth_regression]", f"[{text_only_npz(folder)}]")
+                           .replace("[baseline]", f"[baseline, {model}]"))]
+
+
 def keyless_pickle(folder: Path) -> str:
     with (folder / "keys.pkl").open("wb") as handle:
         pickle.dump({"features": [1, 2, 3]}, handle)
@@ -76,6 +87,15 @@ CASES = [
      r"budget\.trials_per_pair must be >= 1, got 0"),
     ("resume-not-a-run-directory", lambda f: ["sweep", "--resume", "elsewhere"], r"elsewhere is not a sweep run directory"),
     ("run-config-missing", lambda f: ["run", "nope.yaml"], r"config file not found: nope\.yaml"),
+    ("config-train-sets-a-sweep-owned-key", lambda f: ["sweep", write(f, "s.yaml", SWEEP + "train: {selection_metric: corr}\n")],
+     r"train\.selection_metric is set by the sweep itself"),
+    # a model that needs more modalities than the data has: refused before Ray starts
+    ("train-too-few-modalities", lambda f: ["train", "--model", "dbr", "--data", text_only_npz(f), "--out", "run"],
+     r"model 'dbr' needs at least 2 modalities but dataset text\.npz has 1 \(text\)"),
+    ("sweep-too-few-modalities", lambda f: text_only_sweep(f, "sweep", "invariant"),
+     r"model 'invariant' needs at least 2 modalities but dataset 'text\.npz' has 1 \(text\)"),
+    ("run-too-few-modalities", lambda f: text_only_sweep(f, "run", "dbr"),
+     r"model 'dbr' needs at least 2 modalities but dataset 'text\.npz' has 1 \(text\)"),
     # search spaces
     ("space-missing", lambda f: ["sweep", write(f, "s.yaml", SWEEP + "search: {spaces: {baseline: none.yaml}}\n")],
      r"search\.spaces\.baseline: .*none\.yaml does not exist"),
@@ -85,6 +105,8 @@ CASES = [
     ("space-empty-range",
      lambda f: space_sweep(f, "lr: {type: float, low: 0.1, high: 0.1}\n"),
      r"low \(0\.1\) must be < high \(0\.1\)"),
+    ("space-names-a-sweep-owned-key", lambda f: space_sweep(f, "precision: {type: categorical, choices: [fp32, bf16]}\n"),
+     r"space\.yaml: precision: .*sweep-owned and not searchable"),
     ("space-log-range-from-zero",
      lambda f: space_sweep(f, "lr: {type: log_float, low: 0.0, high: 0.1}\n"),
      r"log range needs low > 0"),
@@ -101,7 +123,8 @@ CASES = [
     ("data-synth-unknown-suffix", lambda f: ["data", "synth", "--out", "x.csv"], r"use a \.pkl"),
     # arguments
     ("unknown-command", lambda f: ["fit"], r"invalid choice: 'fit'"),
-    ("train-unknown-model", lambda f: ["train", "--model", "bert", "--data", data_pkl(f)], r"invalid choice: 'bert'"),
+    ("train-unknown-model", lambda f: ["train", "--model", "bert", "--data", data_pkl(f)],
+     r"unknown model 'bert'; registered models: baseline, dbr, fine, invariant, tfn"),
     ("train-unknown-override", lambda f: ["train", "--model", "baseline", "--data", data_pkl(f), "bogus=3"],
      r"unknown key 'bogus'"),
     ("train-out-exists", lambda f: ["train", "--model", "baseline", "--data", data_pkl(f), "--out", "data.pkl"],

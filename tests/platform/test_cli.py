@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from msa.platform.cli import main
-from msa.platform.readers import load_dataset, write_npz
-from msa.platform.synth import synthesize
+from msa.platform.data.readers import load_dataset, write_npz
+from msa.platform.data.synth import synthesize
 
 MSA = str(Path(sys.executable).parent / "msa")
 SIZES = {"train": 24, "valid": 8, "test": 8}
@@ -130,7 +130,8 @@ def test_bad_data_is_one_line_error_and_nothing_written(kind, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv,fragment",
     [
-        (["train", "--model", "nosuchmodel", "--data", "x.npz"], "invalid choice: 'nosuchmodel'"),
+        (["train", "--model", "nosuchmodel", "--data", "x.npz"],
+         "unknown model 'nosuchmodel'; registered models: baseline, dbr, fine, invariant, tfn"),
         (["train", "--data", "DATA", "bogus_key=3"], "unknown key 'bogus_key'"),
         (["train", "--data", "DATA", "model_config.width=3"], "unknown key 'width'"),
         (["train", "--data", "DATA", "lr"], "not of the form key=value"),

@@ -1,0 +1,108 @@
+"""Every private API of Ray, Optuna, MLflow and DeepSpeed that msa touches, each behind one
+function, with the version it was checked on. When an upgrade breaks one, it breaks here.
+
+Each function imports its library when called (this module sits in `core`, below the layers
+that import those libraries). Checked on Ray 2.60.0, Optuna 5.0.0, MLflow 3.17.2, DeepSpeed 0.19.8.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from pathlib import Path
+
+# --- Ray 2.60.0 -----------------------------------------------------------------------------
+
+def ray_train_session_dir() -> Path:
+    """The driver's Ray Train session folder, where Tune stages a fit's driver artifacts (a
+    failed trial's error.txt lands there before the searcher hears of the failure)."""
+    from ray.train.constants import _get_ray_train_session_dir
+
+    return Path(_get_ray_train_session_dir())
+
+
+def restored_run_config(tuner):
+    """The RunConfig a `Tuner.restore`d tuner will run with (Tuner.restore takes no callbacks,
+    so the restored run config is edited in place)."""
+    return tuner._local_tuner.get_run_config()
+
+
+def present_cluster_token() -> None:
+    """Send this machine's Ray auth token, as `ray start` does (a driver sends none unless
+    RAY_AUTH_MODE=token is set)."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def autoscaler_node_groups() -> list:
+    """The node groups of the cluster config the autoscaler registered (empty when none)."""
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    return list(config.node_group_configs) if config is not None else []
+
+
+# --- Ray Tune's OptunaSearch (Ray 2.60.0) and Optuna 5.0.0 -----------------------------------
+
+def searcher_trials(searcher) -> dict:
+    """OptunaSearch's Ray trial id -> `optuna.trial.Trial` it asked for."""
+    return searcher._ot_trials
+
+
+def searcher_study(searcher):
+    """The `optuna.Study` an OptunaSearch drives."""
+    return searcher._ot_study
+
+
+def searcher_completed(searcher) -> set:
+    """The Ray trial ids OptunaSearch has already told the study about."""
+    return searcher._completed_trials
+
+
+def storage_id(trial) -> int:
+    """A trial's id in its study's storage (a `FrozenTrial` or a live `Trial`)."""
+    return trial._trial_id
+
+
+def stored_trial(study, trial_id: int):
+    """The storage's current record of trial `trial_id` (fresh, not the study's cached copy)."""
+    return study._storage.get_trial(trial_id)
+
+
+def live_trial(study, trial_id: int):
+    """A live `optuna.trial.Trial` for a trial already in the storage (Optuna documents the
+    constructor as internal: trials come from `study.ask`)."""
+    import optuna
+
+    return optuna.trial.Trial(study, trial_id)
+
+
+# --- MLflow 3.17.2 --------------------------------------------------------------------------
+
+@functools.cache
+def untyped_python_model() -> type:
+    """A `PythonModel` base whose subclasses' `predict` MLflow does not wrap for type-hint
+    validation: their signature describes the input, and MLflow would warn that type hints
+    are missing. Importable as ``msa.platform.core.compat.UntypedPythonModel`` (see
+    `__getattr__`), so a pickled model names it instead of carrying a copy."""
+    import mlflow.pyfunc
+
+    base = type("UntypedPythonModel", (mlflow.pyfunc.PythonModel,), {"_skip_type_hint_validation": True})
+    base.__module__ = __name__
+    return base
+
+
+def __getattr__(name: str):
+    """`UntypedPythonModel`, made (with MLflow imported) on first use."""
+    if name == "UntypedPythonModel":
+        return untyped_python_model()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --- DeepSpeed 0.19.8 -----------------------------------------------------------------------
+
+def skip_shared_memory_op() -> None:
+    """Stop every `init_distributed` from JIT-compiling DeepSpeed's inference-only shared-memory
+    op (about 40 s on a new machine). `import deepspeed.comm.torch as m` would bind another
+    module of that name, hence importlib."""
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None

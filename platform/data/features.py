@@ -1,0 +1,155 @@
+"""`FeatureSet`: a dataset in memory, whatever file it came from, validated once.
+
+Per split (train/valid/test): per-modality padded float32 arrays ``(N, T, d)``, their lengths,
+labels and ids. Every reader returns one, and every check on the data's consistency lives here,
+so a bad file fails before any model is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from msa.platform.core.errors import MsaError
+from msa.platform.core.spec import MODALITIES, TASKS, DataSpec
+
+SPLITS = ("train", "valid", "test")
+LABEL_BOUNDS = {"mosi": 3.0, "sims": 1.0}
+
+
+@dataclass
+class Split:
+    """One split of a dataset.
+
+    Args:
+        ids: ``(N,)`` clip ids (MMSA ``video$_$clip`` or ``videoid_clipno``).
+        features: modality -> ``(N, T, d)`` float32, padding after the real steps.
+        lengths: modality -> ``(N,)`` int64 number of real steps.
+        labels: ``(N,)`` float32 scores (regression) or int64 class ids (classification).
+        unimodal_labels: modality -> ``(N,)`` float32 (CH-SIMS); empty when the data has none.
+        raw_text: ``(N,)`` transcripts when the file has them.
+    """
+
+    ids: np.ndarray
+    features: dict[str, np.ndarray]
+    lengths: dict[str, np.ndarray]
+    labels: np.ndarray
+    unimodal_labels: dict[str, np.ndarray] = field(default_factory=dict)
+    raw_text: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class FeatureSet:
+    """A validated dataset: three splits, one task, one metric suite.
+
+    Args:
+        name: short dataset name (file stem), used in run names.
+        task: ``"regression"`` or ``"classification"``.
+        splits: ``{"train": Split, "valid": Split, "test": Split}``.
+        metric_suite: ``"mosi"``, ``"sims"`` or ``"classification"`` (see `msa.platform.metrics`).
+        class_names: class names for classification, in class-id order.
+        source: the path it was read from.
+        fingerprint: SHA-256 of `source` when the caller has computed it (a sweep does, once per
+            dataset, so its trials need not re-read the file).
+
+    Raises:
+        MsaError: naming the split and modality when the data is inconsistent.
+    """
+
+    name: str
+    task: str
+    splits: dict[str, Split]
+    metric_suite: str
+    class_names: tuple[str, ...] = ()
+    source: str = ""
+    fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.splits["train"].features)
+
+    @property
+    def spec(self) -> DataSpec:
+        train = self.splits["train"]
+        return DataSpec(
+            dims={m: int(train.features[m].shape[2]) for m in self.modalities},
+            max_lengths={m: int(train.features[m].shape[1]) for m in self.modalities},
+            task=self.task,
+            num_classes=len(self.class_names),
+        )
+
+    def _fail(self, message: str) -> None:
+        raise MsaError(f"{self.source or self.name}: {message}")
+
+    def _validate(self) -> None:
+        if self.task not in TASKS:
+            self._fail(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
+        missing = [s for s in SPLITS if s not in self.splits]
+        if missing:
+            self._fail(f"split {missing[0]!r} is missing (a dataset needs {', '.join(SPLITS)})")
+        modalities = self.modalities
+        if not modalities:
+            self._fail("no modality found (expected any of text, audio, vision)")
+        unknown = [m for m in modalities if m not in MODALITIES]
+        if unknown:
+            self._fail(f"unknown modality {unknown[0]!r}; expected any of {', '.join(MODALITIES)}")
+        if self.task == "classification" and len(self.class_names) < 2:
+            self._fail("classification data needs at least 2 class names")
+        reference_dims = {m: self.splits["train"].features[m].shape[2:] for m in modalities}
+        for split_name in SPLITS:
+            self._validate_split(split_name, self.splits[split_name], reference_dims)
+
+    def _validate_split(self, split_name: str, split: Split, reference_dims: dict) -> None:
+        n = len(split.ids)
+        if n == 0:
+            self._fail(f"split {split_name!r} is empty")
+        if set(split.features) != set(reference_dims):
+            self._fail(
+                f"split {split_name!r} has modalities {sorted(split.features)}, "
+                f"train has {sorted(reference_dims)}"
+            )
+        for m, array in split.features.items():
+            where = f"split {split_name!r}, modality {m!r}"
+            if array.ndim != 3:
+                self._fail(f"{where}: expected a (N, T, d) array, got shape {array.shape}")
+            if array.shape[2:] != reference_dims[m]:
+                self._fail(
+                    f"{where}: feature dim {array.shape[2]} differs from train's {reference_dims[m][0]}"
+                )
+            if array.shape[0] != n:
+                self._fail(f"{where}: {array.shape[0]} rows but {n} ids")
+            bad_rows = int((~np.isfinite(array)).any(axis=(1, 2)).sum())
+            if bad_rows:
+                self._fail(f"{where}: {bad_rows} rows contain NaN or inf features")
+            lengths = split.lengths.get(m)
+            if lengths is None or lengths.shape != (n,):
+                self._fail(f"{where}: lengths missing or not one per row")
+            if (lengths < 0).any() or (lengths > array.shape[1]).any():
+                self._fail(f"{where}: lengths must lie in [0, {array.shape[1]}]")
+        self._validate_labels(split_name, split.labels, n)
+        for m, labels in split.unimodal_labels.items():
+            self._validate_labels(f"{split_name} ({m} unimodal)", labels, n)
+
+    def _validate_labels(self, split_name: str, labels: np.ndarray, n: int) -> None:
+        where = f"split {split_name!r} labels"
+        if labels.shape != (n,):
+            self._fail(f"{where}: expected {n} labels, got shape {labels.shape}")
+        if self.task == "regression":
+            if not np.isfinite(labels).all():
+                self._fail(f"{where}: NaN or inf labels")
+            bound = LABEL_BOUNDS[self.metric_suite]
+            if np.abs(labels).max() > bound:
+                self._fail(
+                    f"{where}: values out of range [-{bound:g}, {bound:g}] for the "
+                    f"{self.metric_suite} scale (max |y| = {np.abs(labels).max():.3g})"
+                )
+        else:
+            num_classes = len(self.class_names)
+            if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
+                self._fail(f"{where}: class ids must be integers in [0, {num_classes - 1}]")

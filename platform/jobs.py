@@ -1,0 +1,276 @@
+"""The user-facing jobs, one documented function each: what every `msa` subcommand does once
+its arguments are parsed (`cli.py` parses and dispatches, nothing more). They run in the `msa`
+process, the driver; each validates its whole input before any work starts and raises
+`MsaError` (one line, exit 2) for bad input.
+
+`msa run CONFIG` is `run`: one sweep session (the run directory, the datasets loaded and hashed
+once, one MLflow server), the sweep on Ray, then the ensembles and the leaderboard on that same
+server and those same datasets, the leaderboard rendered once into the run directory and the
+export folder.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from msa.ensembles.build import build_ensembles
+from msa.ensembles.config import EnsembleConfig, ensemble_config
+from msa.ensembles.members import DatasetCache
+from msa.models.registry import MODELS
+from msa.platform.core.config import load_yaml_mapping, merge, parse_overrides, to_plain
+from msa.platform.core.errors import MsaError
+from msa.platform.core.files import atomic_write
+from msa.platform.core.metrics import compute_metrics
+from msa.platform.core.run_dir import RunDir
+from msa.platform.data.features import FeatureSet
+from msa.platform.data.readers import load_dataset, write_mmsa_pickle, write_npz
+from msa.platform.data.synth import synthesize
+from msa.platform.sweep.config import SweepConfig, load_sweep_config
+from msa.platform.sweep.driver import SweepSession, run_sweep
+from msa.platform.sweep.resume import resume_config
+from msa.platform.tracking.registry import list_registered, load_registered, predict_splits
+from msa.platform.tracking.server import MlflowServer, require_store, serving
+from msa.platform.training.checkpoint import prediction_table
+from msa.platform.training.config import resolve_config
+from msa.platform.training.loop import train_loop
+
+ENSEMBLE_FLAGS = ("top_k", "protocol", "folds", "seeds", "caruana_steps", "bootstrap", "seed")
+
+
+def load_job_config(path: str, overrides: list[str]) -> tuple[SweepConfig, EnsembleConfig]:
+    """A sweep config and its `ensemble:` section, both validated (before Ray starts)."""
+    config = load_sweep_config(path, overrides)
+    return config, ensemble_config(config.ensemble, where=f"{path}" + (" + command-line overrides" if overrides else ""))
+
+
+def train(args: argparse.Namespace) -> None:
+    """`msa train`: one model trained in this process through DeepSpeed; prints each epoch, then
+    the selected epoch's valid and test metrics and where the checkpoint is."""
+    values = load_yaml_mapping(args.config) if args.config else {}
+    for key in ("model", "data", "out", "seed"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    values = merge(values, parse_overrides(args.overrides))
+    where = " + ".join(filter(None, [args.config, "command-line overrides" if args.overrides else ""]))
+    config = resolve_config(values, where=where or "train options")
+
+    def show(record: dict[str, float], _save_state) -> None:
+        metrics = "  ".join(f"{k[6:]} {v:.4g}" for k, v in record.items() if k.startswith("valid_"))
+        mark = " *" if record["improved"] else ""
+        print(f"epoch {int(record['epoch']):3d}  loss {record['train_loss']:.4f}  valid: {metrics}{mark}", flush=True)
+
+    result = train_loop(config, on_epoch=show)
+    print(f"\nbest epoch {result.best_epoch}, selected on valid {result.selection_metric}")
+    print(f"{'metric':<16}{'valid':>10}{'test':>10}")
+    for name in result.valid_metrics:
+        print(f"{name:<16}{result.valid_metrics[name]:>10.4g}{result.test_metrics[name]:>10.4g}")
+    print(f"checkpoint: {result.out_dir}  (weights sha256 {result.weights_sha256[:16]}...)")
+
+
+def synth(args: argparse.Namespace) -> None:
+    """`msa data synth`: the deterministic synthetic dataset, as an MMSA pickle or an .npz."""
+    sizes = {"train": args.train, "valid": args.valid, "test": args.test}
+    if min(sizes.values()) < 1:
+        raise MsaError(f"split sizes must be >= 1, got {sizes}")
+    out = Path(args.out)
+    if out.suffix not in (".pkl", ".npz"):
+        raise MsaError(f"--out {out}: use a .pkl (MMSA pickle) or .npz file name")
+    dataset = synthesize(args.task, seed=args.seed, sizes=sizes)
+    (write_npz if out.suffix == ".npz" else write_mmsa_pickle)(dataset, out)
+    print(f"wrote {out}: {dataset.task}, " + ", ".join(f"{s} {len(v)}" for s, v in dataset.splits.items()))
+
+
+def inspect(args: argparse.Namespace) -> None:
+    """`msa data inspect PATH`: splits, modalities, shapes and label statistics."""
+    print(describe(load_dataset(args.path, replace_nonfinite=args.replace_nonfinite)))
+
+
+def describe(dataset: FeatureSet) -> str:
+    """A human summary of a dataset: what `msa data inspect` prints."""
+    spec = dataset.spec
+    lines = [
+        f"dataset   {dataset.name}  ({dataset.source})",
+        f"task      {dataset.task}, metric suite {dataset.metric_suite}"
+        + (f", {len(dataset.class_names)} classes" if dataset.class_names else ""),
+        "modalities " + ", ".join(f"{m} (T={spec.max_lengths[m]}, d={d})" for m, d in spec.dims.items()),
+    ]
+    for name, split in dataset.splits.items():
+        lines.append(f"\n[{name}] {len(split)} clips")
+        for m in split.features:
+            n = split.lengths[m]
+            lines.append(
+                f"  {m:<7} shape {tuple(split.features[m].shape)}  lengths min {n.min()} mean {n.mean():.1f} max {n.max()}"
+            )
+        y = split.labels
+        if dataset.task == "regression":
+            lines.append(
+                f"  labels  mean {y.mean():.3f} std {y.std():.3f} min {y.min():.3f} max {y.max():.3f}"
+                f"  zero {int((y == 0).sum())}  positive {int((y > 0).sum())}  negative {int((y < 0).sum())}"
+            )
+        else:
+            counts = np.bincount(y, minlength=len(dataset.class_names))
+            present = int((counts > 0).sum())
+            top = ", ".join(f"{dataset.class_names[i]} {counts[i]}" for i in np.argsort(-counts)[:3])
+            lines.append(f"  labels  {present}/{len(counts)} classes present; most frequent: {top}")
+        if split.unimodal_labels:
+            lines.append("  unimodal labels: " + ", ".join(split.unimodal_labels))
+    return "\n".join(lines)
+
+
+def models(args: argparse.Namespace) -> None:
+    """`msa models`: the model registry."""
+    for name, entry in MODELS.items():
+        print(f"{name:<12}{entry.summary}")
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """`msa sweep CONFIG` or `msa sweep --resume RUN_DIR`: run or resume a sweep, print its summary."""
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        config_path, overrides = args.config, args.overrides
+        if config_path and "=" in config_path and not Path(config_path).exists():  # only overrides given
+            config_path, overrides = None, [config_path, *overrides]
+        config = resume_config(run_dir, config_path, overrides)
+        ensemble_config(config.ensemble, where=str(RunDir(run_dir).config_file))
+        result = run_sweep(config, resume_dir=run_dir, address=args.address)
+    else:
+        if not args.config:
+            raise MsaError("msa sweep: give a sweep config (e.g. sweeps/demo.yaml) or --resume RUN_DIR")
+        config, _ = load_job_config(args.config, args.overrides)
+        result = run_sweep(config, address=args.address)
+    print("\n" + result.table())
+
+
+def ensemble_options(args: argparse.Namespace, run_dir: Path | None) -> EnsembleConfig:
+    """The run's `ensemble:` settings (or the defaults), with the flags given on top."""
+    values = to_plain(EnsembleConfig())
+    if run_dir is not None and RunDir(run_dir).is_sweep():
+        values.update(load_yaml_mapping(RunDir(run_dir).config_file).get("ensemble") or {})
+    for key in ENSEMBLE_FLAGS:
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.learners is not None:
+        values["learners"] = [name.strip() for name in args.learners.split(",") if name.strip()]
+    if args.no_register:
+        values["register"] = False
+    return ensemble_config(values, where="ensemble options")
+
+
+def ensemble(args: argparse.Namespace) -> None:
+    """`msa ensemble RUN_DIR` (or `--experiment`): stacked ensembles and their leaderboard."""
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else None
+    if run_dir is None and not args.experiment:
+        raise MsaError("msa ensemble: give a sweep RUN_DIR, or --experiment NAME with --tracking-uri and --out")
+    out = Path(args.out).resolve() if args.out else None
+    board = build_ensembles(ensemble_options(args, run_dir), run_dir=run_dir, experiment=args.experiment,
+                            tracking_uri=args.tracking_uri, out_dir=out)
+    print_board(board, out or RunDir(run_dir).ensembles_dir)
+
+
+def run(args: argparse.Namespace) -> None:
+    """`msa run CONFIG`: the whole pipeline. One sweep session holds the run directory, the
+    datasets (loaded and hashed once) and one MLflow server for both halves: the sweep, then the
+    ensembles of its best trials, then the leaderboard (written into ``<run dir>/ensembles/``
+    and, with ``--export DIR``, into DIR too)."""
+    config, options = load_job_config(args.config, args.overrides)
+    export = Path(args.export).resolve() if args.export else None
+    with SweepSession(config, address=args.address) as session:
+        result = session.run()
+        print("\n" + result.table())
+        if export is not None:
+            export.mkdir(parents=True, exist_ok=True)
+        datasets = DatasetCache({dataset.source: dataset for dataset in session.datasets.values()})
+        board = build_ensembles(options, run_dir=result.run_dir.root, tracking_uri=session.tracking_uri,
+                                datasets=datasets, export=export)
+    print_board(board, export or result.run_dir.ensembles_dir)
+
+
+def print_board(board: dict, folder: Path) -> None:
+    """A compact leaderboard per dataset; the full one is in the written files."""
+    for entry in board["datasets"]:
+        metric = entry["selection_metric"]
+        print(f"\n[{entry['dataset']}] ranked by valid {metric} ({entry['directions'][metric]} is better); "
+              f"test difference vs best single with paired bootstrap 95% interval")
+        print(f"{'#':>3}  {'name':<34}{'kind':<15}{'valid':>9}{'test':>9}  {'test diff [95% CI]':<28}registered")
+        for rank, row in enumerate(entry["rows"], 1):
+            diff = row["test_diff"][metric]
+            interval = "-" if diff["diff"] is None else f"{diff['diff']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}]"
+            print(f"{rank:>3}  {row['name']:<34}{row['kind']:<15}{_number(row['valid'][metric]):>9}"
+                  f"{_number(row['test'][metric]):>9}  {interval:<28}{row['registered']}")
+    print(f"\nleaderboard: {folder}/leaderboard.{{csv,md,json,html}}")
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def mlflow(args: argparse.Namespace) -> None:
+    """`msa mlflow RUN_DIR`: the MLflow UI over a run directory's store until Ctrl-C (which stops
+    the server, at any moment, before the command returns)."""
+    run_dir = Path(args.run_dir).resolve()
+    if not RunDir(run_dir).is_sweep():
+        raise MsaError(f"{run_dir} is not a sweep run directory (no sweep.yaml)")
+    require_store(run_dir)
+    with MlflowServer(run_dir, host=args.host, port=args.port) as server:
+        print(f"MLflow UI for {run_dir}: http://{args.host}:{server.port}  (Ctrl-C stops it)", flush=True)
+        while server.process.poll() is None:
+            time.sleep(1)
+    raise MsaError(f"mlflow server stopped by itself (status {server.process.returncode}); see {server.log_path}")
+
+
+def _tracking_uri(args: argparse.Namespace):
+    """The tracking server to talk to while the block runs: --run-dir (its store, served),
+    --tracking-uri, or $MLFLOW_TRACKING_URI (checked)."""
+    if args.run_dir:
+        return serving("", Path(args.run_dir).resolve())
+    return serving(args.tracking_uri or _environment_uri(), None)
+
+
+def _environment_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+def registry(args: argparse.Namespace) -> None:
+    """`msa registry`: every registered msa-* model version with its metrics."""
+    with _tracking_uri(args) as uri:
+        rows = list_registered(uri)
+    if not rows:
+        print(f"no msa-* models registered at {uri}")
+        return
+    print(f"{'name':<36}{'version':>8}  {'aliases':<10}{'valid':<18}{'test':<40}run")
+    for row in rows:
+        valid = "  ".join(f"{k} {v:.4g}" for k, v in row["valid"].items() if k == row["selection_metric"])
+        test = "  ".join(f"{k} {v:.4g}" for k, v in list(row["test"].items())[:3])
+        print(f"{row['name']:<36}{row['version']:>8}  {row['aliases']:<10}{valid:<18}{test:<40}{row['run_id']} ({row['sweep']})")
+
+
+def predict(args: argparse.Namespace) -> None:
+    """`msa predict`: a registered model's predictions for a dataset's splits, as CSV, and their metrics."""
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise MsaError(f"--out {out}: folder {out.parent} does not exist")
+    dataset = load_dataset(args.data, replace_nonfinite=args.replace_nonfinite)
+    splits = list(dataset.splits) if args.split == "all" else [args.split]
+    with _tracking_uri(args) as uri:
+        model = load_registered(args.model, uri)
+        predictions = predict_splits(model, dataset, splits, what=f"data {args.data}")
+
+    def write(path: Path) -> None:
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            for number, name in enumerate(splits):  # the checkpoint's predictions CSV, with a split column
+                header, rows = prediction_table(dataset.splits[name], predictions[name], dataset.class_names)
+                if number == 0:
+                    writer.writerow(["split", *header])
+                writer.writerows([name, *row] for row in rows)
+
+    atomic_write(out, write)
+    print(f"wrote {out}: {sum(len(dataset.splits[n]) for n in splits)} predictions of {args.model}")
+    for name in splits:
+        metrics = compute_metrics(dataset.metric_suite, predictions[name], dataset.splits[name].labels)
+        print(f"[{name}] " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

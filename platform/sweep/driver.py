@@ -1,0 +1,300 @@
+"""The sweep driver: `run_sweep`, and the `SweepSession` behind it that `msa run` keeps open for
+its ensemble half. Runs in the driver process.
+
+For each (model, dataset) pair a `ray.tune.Tuner` drives `PruningAwareOptunaSearch` (TPE or
+random, seeded, persisted in SQLite inside the run directory) and ASHA over `run_trial`
+(`trial.py`). Datasets are loaded and hashed once here and shared through the object store.
+Everything is tracked in MLflow (`msa.platform.tracking`), and each study's best trial is
+registered when the study ends. The run directory's layout is `msa.platform.core.run_dir`.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+import optuna
+import ray
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+
+from msa.models.registry import get_entry
+from msa.platform.core.compat import restored_run_config
+from msa.platform.core.config import to_plain
+from msa.platform.core.errors import MsaError
+from msa.platform.core.files import sha256_path
+from msa.platform.core.metrics import METRIC_MODES, SUITE_METRICS
+from msa.platform.core.run_dir import RunDir, pair_name
+from msa.platform.data.features import FeatureSet
+from msa.platform.data.readers import load_dataset, write_mmsa_pickle
+from msa.platform.data.synth import synthesize
+from msa.platform.sweep.callbacks import PairProgress, TrialRunCloser
+from msa.platform.sweep.cluster import (
+    check_address_format,
+    check_shared_storage,
+    check_trial_fits,
+    connect,
+    node_kinds,
+    trial_shape,
+)
+from msa.platform.sweep.config import BUILTIN_DATASETS, SweepConfig
+from msa.platform.sweep.search_space import SearchSpace, load_search_space
+from msa.platform.sweep.searcher import PruningAwareOptunaSearch, trial_dirname
+from msa.platform.sweep.summary import PairSummary, SweepResult, summarize_study
+from msa.platform.sweep.trial import PairContext, run_trial
+from msa.platform.tracking.server import MlflowServer, check_tracking_uri
+from msa.platform.tracking.sweep_runs import SweepTracking
+from msa.platform.training.config import SWEEP_OWNED, resolve_config
+
+
+class SweepInterrupted(MsaError):
+    """The user stopped the sweep; its state is saved and `msa sweep --resume` continues it."""
+
+    exit_code = 130
+
+
+def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: str | None = None) -> SweepResult:
+    """Run (or resume) a sweep; its summary is also written to the run directory.
+
+    Raises:
+        MsaError: invalid config, data or metric, or resources no node could ever give (before
+            anything is written); `SweepInterrupted` (exit 130) after Ctrl-C, state saved.
+    """
+    with SweepSession(config, resume_dir=resume_dir, address=address) as session:
+        return session.run()
+
+
+def load_datasets(config: SweepConfig, run_dir: RunDir | None) -> dict[str, FeatureSet]:
+    """Every dataset, loaded once. Built-ins are generated (or, on resume, re-read from the run
+    directory); paths are read as given."""
+    datasets = {}
+    for name in config.datasets:
+        if name not in BUILTIN_DATASETS:
+            datasets[name] = load_dataset(Path(name).resolve())
+        elif run_dir is not None and run_dir.builtin_dataset(name).is_file():
+            datasets[name] = load_dataset(run_dir.builtin_dataset(name))
+        else:
+            datasets[name] = synthesize(name.removeprefix("synth_"), seed=0)
+    return datasets
+
+
+def check_models_fit_data(config: SweepConfig, datasets: dict[str, FeatureSet]) -> None:
+    """Every pair can run: the selection metric exists in each dataset's suite, and each model
+    gets at least the modalities it needs.
+
+    Raises:
+        MsaError: naming the dataset (and model).
+    """
+    for name, dataset in datasets.items():
+        metric = config.selection_metric(dataset.metric_suite)
+        if metric not in SUITE_METRICS[dataset.metric_suite]:
+            raise MsaError(
+                f"unknown metric {metric!r} for dataset {name!r} ({dataset.metric_suite} metrics: "
+                f"{', '.join(SUITE_METRICS[dataset.metric_suite])})"
+            )
+        for model in config.models:
+            get_entry(model).require_modalities(model, dataset.modalities, what=f"dataset {name!r}")
+
+
+class SweepSession:
+    """A sweep's driver-side resources: its datasets (loaded and hashed once), its run directory,
+    its tracking server (its own over the run directory, or the configured one) and, while `run`
+    runs, the Ray runtime. Use as a context manager; on exit the own server is stopped, and a new
+    sweep refused before any trial was queued leaves no folder behind.
+
+    Every input is checked in the constructor, before anything is written (see `run_sweep`).
+    """
+
+    def __init__(self, config: SweepConfig, *, resume_dir: Path | None = None, address: str | None = None):
+        self.config, self.address = config, address
+        self.resuming = resume_dir is not None
+        self.datasets = load_datasets(config, RunDir(resume_dir) if self.resuming else None)
+        check_models_fit_data(config, self.datasets)
+        self.spaces = {model: load_search_space(model, config.search.spaces.get(model)) for model in config.models}
+        if config.tracking.uri:  # an unreachable server is an input error
+            check_tracking_uri(config.tracking.uri)
+        if address:
+            check_address_format(address)
+        if address and ray.is_initialized():  # joining would otherwise be skipped silently
+            raise MsaError(f"cannot join the Ray cluster at {address!r}: this process already runs Ray; "
+                           f"start the sweep from a fresh process")
+        self.run_dir = RunDir(resume_dir) if self.resuming else None
+        self.server: MlflowServer | None = None
+        self._trials_queued = False  # until then, a new sweep that is refused leaves no run directory behind
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.config.tracking.uri or self.server.uri
+
+    def __enter__(self) -> "SweepSession":
+        storage = Path(self.config.storage).resolve()
+        self._new_folders = [f for f in (storage, *storage.parents) if not f.exists()]  # deepest first
+        try:
+            if self.run_dir is None:
+                self.run_dir = _make_run_dir(self.config)
+            _save_builtin_datasets(self.datasets, self.run_dir)
+            for dataset in self.datasets.values():  # once here, not in every trial's checkpoint writer
+                dataset.fingerprint = sha256_path(dataset.source)
+            if not self.config.tracking.uri:
+                self.server = MlflowServer(self.run_dir.root)
+                self.server.launch()  # it boots while Ray starts
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if not self.resuming and not self._trials_queued and self.run_dir is not None:
+            shutil.rmtree(self.run_dir.root, ignore_errors=True)
+            for folder in self._new_folders:  # the storage folders this sweep created, if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+    def run(self) -> SweepResult:
+        """Every pair's study, one after another, on a private Ray runtime or the joined cluster."""
+        own_runtime = not ray.is_initialized()  # tests and notebooks may already hold one
+        try:
+            refs = self._start_ray(own_runtime)
+            if self.server is not None:
+                self.server.wait_ready()
+            self._trials_queued = True
+            with SweepTracking(self.tracking_uri, self.run_dir, to_plain(self.config)) as tracking:
+                pairs = [self._run_pair(model, name, refs[name], tracking)
+                         for model in self.config.models for name in self.config.datasets]
+        finally:
+            if own_runtime:
+                ray.shutdown()
+        result = SweepResult(run_dir=self.run_dir, pairs=tuple(pairs))
+        result.write()
+        return result
+
+    def _start_ray(self, own_runtime: bool) -> dict[str, ray.ObjectRef]:
+        """Start or join Ray, refuse what the cluster cannot run, and put the datasets in its store."""
+        resources = self.config.resources
+        joined = connect(self.address, resources.max_concurrent_trials) if own_runtime else None
+        kinds = node_kinds(joined is not None)
+        check_trial_fits(trial_shape(resources), kinds)
+        if joined is not None:
+            checked_from = time.monotonic()
+            alive = sum(kind.name.startswith("node ") for kind in kinds)
+            check_shared_storage(self.run_dir.root, self.config.tracking.uri, client=joined.startswith("ray://"),
+                                 can_grow=len(kinds) > alive)
+            print(f"[cluster] joined {joined}: {alive} nodes alive, {len(kinds) - alive} node types the autoscaler "
+                  f"may add; every node sees {self.run_dir.root} and reaches MLflow (checked in "
+                  f"{time.monotonic() - checked_from:.1f} s)", flush=True)
+        return {name: ray.put(dataset) for name, dataset in self.datasets.items()}
+
+    def _run_pair(self, model: str, dataset_name: str, ref, tracking: SweepTracking) -> PairSummary:
+        config, dataset = self.config, self.datasets[dataset_name]
+        pair = pair_name(model, dataset_name)
+        metric = config.selection_metric(dataset.metric_suite)
+        self.run_dir.optuna_dir.mkdir(exist_ok=True)
+        context = PairContext(
+            dataset_ref=[ref], run_dir=self.run_dir, pair=pair, shape=trial_shape(config.resources),
+            max_failures=config.resources.max_failures, tune_metric=f"best_valid_{metric}", resuming=self.resuming,
+            tracking=tracking.open_study(pair, model, dataset),
+        )
+        trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), context.shape.tune_request)
+        callbacks = [PairProgress(pair, config.budget.trials_per_pair, metric), TrialRunCloser(context.tracking, self.run_dir)]
+        experiment = self.run_dir.tune_experiment(pair)
+        if self.resuming and tune.Tuner.can_restore(str(experiment)):
+            tuner = _restored_tuner(experiment, trainable, callbacks[1])
+        else:
+            tuner = self._new_tuner(model, dataset, metric, context, trainable, callbacks)
+        print(f"[{pair}] study {self.run_dir.study_url(pair)} ({config.budget.trials_per_pair} trials, "
+              f"metric valid {metric}, {METRIC_MODES[metric]})", flush=True)
+        started = time.monotonic()
+        tuner.fit()
+        study = optuna.load_study(study_name=pair, storage=self.run_dir.study_url(pair))
+        summary = summarize_study(study, run_dir=self.run_dir, pair=pair, model=model, dataset=dataset_name, metric=metric)
+        # Tune returns normally on Ctrl-C, and the trials it stops then never reach the searcher:
+        # fewer finished trials in the study than the budget, with time left, means the user stopped it.
+        budget = config.budget
+        out_of_time = budget.time_budget_s is not None and time.monotonic() - started >= budget.time_budget_s
+        if summary.finished < budget.trials_per_pair and not out_of_time:
+            raise SweepInterrupted(f"sweep interrupted during {pair}; resume with: msa sweep --resume {self.run_dir.root}")
+        tracking.close_study(context.tracking, study, summary)
+        return summary
+
+    def _new_tuner(self, model: str, dataset: FeatureSet, metric: str, context: PairContext, trainable,
+                   callbacks: list) -> tune.Tuner:
+        config, pair, mode = self.config, context.pair, METRIC_MODES[metric]
+        sampler_class = optuna.samplers.TPESampler if config.search.sampler == "tpe" else optuna.samplers.RandomSampler
+        searcher = PruningAwareOptunaSearch(
+            space=self.spaces[model].optuna_space(), metric=context.tune_metric, mode=mode,
+            sampler=sampler_class(seed=config.search.seed), study_name=pair,
+            storage=optuna.storages.RDBStorage(self.run_dir.study_url(pair)),
+            errors_dir=str(self.run_dir.tune_experiment(pair)), budget=config.budget.trials_per_pair,
+        )
+        scheduler = (
+            ASHAScheduler(time_attr="epoch", max_t=config.budget.max_epochs, grace_period=config.search.grace_period,
+                          reduction_factor=config.search.reduction_factor)
+            if config.search.scheduler == "asha" else FIFOScheduler()
+        )
+        param_space = trial_param_space(config, self.spaces[model], model, dataset, metric)
+        resolve_config({**param_space, "out": "unused"}, where=f"{pair} trial config")  # fail before Ray works
+        return tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=config.resources.max_concurrent_trials),
+                scheduler=scheduler, metric=context.tune_metric, mode=mode, num_samples=config.budget.trials_per_pair,
+                time_budget_s=config.budget.time_budget_s, trial_dirname_creator=trial_dirname,
+                # An inline trial's process keeps torch, DeepSpeed and its one-rank process group
+                # for the next trial (Tune starts a fresh one after a failure).
+                reuse_actors=context.shape.inline,
+            ),
+            run_config=tune.RunConfig(
+                name=pair, storage_path=str(self.run_dir.ray_dir),
+                failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
+                callbacks=callbacks, verbose=1,
+            ),
+        )
+
+
+def trial_param_space(config: SweepConfig, space: SearchSpace, model: str, dataset: FeatureSet, metric: str) -> dict:
+    """Every trial's train config before Optuna's suggestion is merged in: the sweep's `train:`
+    section, the search space's fixed values and the `SWEEP_OWNED` keys (``out`` is the trial's
+    folder, set by the trial itself)."""
+    owned = {"model": model, "data": dataset.source, "seed": config.search.seed, "epochs": config.budget.max_epochs,
+             "selection_metric": metric, "zero_stage": config.deepspeed.zero_stage,
+             "precision": config.deepspeed.precision}
+    assert set(owned) | {"out"} == set(SWEEP_OWNED), "every sweep-owned key is set here"
+    return {**config.train, **space.fixed_values(), **owned}
+
+
+def _restored_tuner(experiment: Path, trainable, closer: TrialRunCloser) -> tune.Tuner:
+    """The pair's Tuner from its saved state: unfinished trials continue from their last
+    checkpoint; a trial that failed after all its retries stays failed (not run again)."""
+    tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    # The saved run config holds the callbacks pickled at the first start, whose tracking
+    # server address is stale now: give the restored run this start's closer.
+    run_config = restored_run_config(tuner)
+    run_config.callbacks = [c for c in run_config.callbacks if not isinstance(c, TrialRunCloser)] + [closer]
+    return tuner
+
+
+def _make_run_dir(config: SweepConfig) -> RunDir:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    run_dir = RunDir(Path(config.storage) / f"{config.name}-{stamp}")
+    if run_dir.root.exists():
+        raise MsaError(f"run directory {run_dir.root} already exists; wait a second or change name")
+    run_dir.root.mkdir(parents=True)
+    run_dir.config_file.write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
+    run_dir.write_layout(metadata.version("msa-sweep"))
+    return run_dir
+
+
+def _save_builtin_datasets(datasets: dict[str, FeatureSet], run_dir: RunDir) -> None:
+    """Write generated datasets into the run directory, so trials and resumes read one file."""
+    for name, dataset in datasets.items():
+        path = run_dir.builtin_dataset(name)
+        if name in BUILTIN_DATASETS and not path.exists():
+            write_mmsa_pickle(dataset, path)
+            dataset.source = str(path)

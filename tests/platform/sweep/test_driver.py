@@ -1,0 +1,393 @@
+"""Real sweeps: Ray Tune + Optuna over Ray Train trials running DeepSpeed on the CPU.
+
+The interrupt/resume test drives the `msa` console script (its own Ray) and runs first; the
+others share the session's Ray runtime."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from msa.platform.core.errors import MsaError
+from msa.platform.sweep.config import load_sweep_config
+from msa.platform.sweep.driver import run_sweep
+
+MSA = str(Path(sys.executable).parent / "msa")
+
+
+def write_config(tmp_path: Path, **sections) -> Path:
+    config = {"name": "t", "storage": str(tmp_path / "sweeps"), "train": {"patience": 5}, **sections}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def studies(run_dir: Path) -> dict[str, optuna.Study]:
+    """The run's studies; a database the sweep has created but not yet written its study into
+    (the test polls a running sweep) is left out."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    found = {}
+    for db in sorted((run_dir / "optuna").glob("*.db")):
+        storage = f"sqlite:///{db}"
+        if db.stem in optuna.get_all_study_names(storage):
+            found[db.stem] = optuna.load_study(study_name=db.stem, storage=storage)
+    return found
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def trial_runs(mlflow_client, run_dir: Path) -> list:
+    experiment = mlflow_client.get_experiment_by_name(run_dir.name)
+    return mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`msa.role` = 'trial'")
+
+
+def finished_mtimes(run_dir: Path) -> dict[str, float]:
+    """Each finished trial's Ray id -> when its checkpoint's metrics.json was last written."""
+    (study,) = studies(run_dir).values()
+    trials_dir = run_dir / "trials" / study.study_name
+    return {t.user_attrs["ray_trial_id"]: (trials_dir / t.user_attrs["ray_trial_id"] / "metrics.json").stat().st_mtime
+            for t in finished(study)}
+
+
+def stop_when_finished(driver: subprocess.Popen, run_dir_glob, count: int, signum: int) -> Path:
+    """Send `signum` to the sweep `driver` once its study holds `count` finished trials."""
+    deadline = time.time() + 420
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(1)
+        run_dirs = list(run_dir_glob())
+        if run_dirs and (run_dirs[0] / "optuna").exists() and sum(len(finished(s)) for s in studies(run_dirs[0]).values()) >= count:
+            driver.send_signal(signum)
+            return run_dirs[0]
+    raise AssertionError(f"the sweep never reached {count} finished trials: {driver.communicate(timeout=60)[0][-3000:]}")
+
+
+def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_losing_trials(tmp_path, tracking_store):
+    """Ctrl-C, resume, SIGKILL of the driver, resume: every trial finished before each stop is
+    kept once (Optuna, Ray, MLflow) and never run again; the budget of 6 is met exactly. The
+    drivers run with cloud credentials in their environment: they reach no file of the run."""
+    import secrets
+
+    secret = secrets.token_hex(20)
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": "AKIA" + secret[:16].upper(), "MLFLOW_TRACKING_TOKEN": secret}
+    config = write_config(
+        tmp_path, datasets=["synth_regression"], models=["baseline"],
+        budget={"trials_per_pair": 6, "max_epochs": 3}, search={"scheduler": "none", "seed": 1},
+        resources={"workers_per_trial": 1, "max_concurrent_trials": 1},
+    )
+    run_dir_glob = lambda: (tmp_path / "sweeps").glob("t-*")  # noqa: E731
+    driver = subprocess.Popen([MSA, "sweep", str(config)], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env)
+    run_dir = stop_when_finished(driver, run_dir_glob, 2, signal.SIGINT)
+    output = driver.communicate(timeout=240)[0]
+    assert driver.returncode == 130, output[-3000:]
+    assert "msa sweep --resume" in output
+    before_interrupt = finished_mtimes(run_dir)
+    assert 2 <= len(before_interrupt) < 6
+    with tracking_store(run_dir) as mlflow_client:  # the interrupted sweep's open runs were ended
+        experiment = mlflow_client.get_experiment_by_name(run_dir.name)
+        statuses = {r.data.tags["msa.role"]: r.info.status for r in mlflow_client.search_runs(
+            [experiment.experiment_id], filter_string="tags.`msa.role` != 'trial'")}
+        assert statuses == {"sweep": "KILLED", "study": "KILLED"}
+
+    driver = subprocess.Popen([MSA, "sweep", "--resume", str(run_dir)], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env)
+    stop_when_finished(driver, run_dir_glob, len(before_interrupt) + 2, signal.SIGKILL)
+    driver.communicate(timeout=60)
+    before_kill = finished_mtimes(run_dir)
+    assert len(before_kill) < 6
+    time.sleep(3)  # the tracking server's guard notices its driver is gone within a second
+    assert not subprocess.run(["pgrep", "-f", f"{run_dir}/mlflow/mlflow.db"], capture_output=True).stdout
+
+    resumed = subprocess.run([MSA, "sweep", "--resume", str(run_dir)], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=900, env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    (study,) = studies(run_dir).values()
+    ray_ids = [t.user_attrs["ray_trial_id"] for t in study.trials]
+    assert len(study.trials) == 6 and len(set(ray_ids)) == 6
+    assert all(t.state == TrialState.COMPLETE for t in study.trials), [(t.number, t.state, t.user_attrs) for t in study.trials]
+    after = finished_mtimes(run_dir)
+    for trial_id, mtime in {**before_interrupt, **before_kill}.items():  # finished before a stop: not run again
+        assert after[trial_id] == mtime
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary[0]["trials"] == 6 and summary[0]["complete"] == 6
+    # Ray's own record of each trial. Not asserted for trials finished under the killed driver:
+    # Tune copies a trial's results from the driver's staging folder to storage every ~10 s, so
+    # one that finished in the last seconds before a SIGKILL has none (RELIABILITY.md).
+    for trial_id in [*before_interrupt, *(i for i in ray_ids if i not in before_kill)]:
+        assert (run_dir / "ray" / "baseline-synth_regression" / trial_id / "result.json").is_file()
+    with tracking_store(run_dir) as mlflow_client:  # each trial one run, continued across stops
+        runs = {r.data.tags["ray_trial_id"]: r for r in trial_runs(mlflow_client, run_dir)}
+        # A trial the killed driver had started but not yet saved in Tune's state went on under a
+        # new Ray id; its first run is closed KILLED.
+        assert {i: r.info.status for i, r in runs.items() if i not in ray_ids} in ({}, {i: "KILLED" for i in runs if i not in ray_ids})
+        assert {runs[i].info.status for i in ray_ids} == {"FINISHED"}
+        for run in (runs[i] for i in ray_ids):
+            steps = sorted(m.step for m in mlflow_client.get_metric_history(run.info.run_id, "valid_mae"))
+            assert steps == [1, 2, 3], (run.data.tags["ray_trial_id"], steps)
+            assert len(mlflow_client.get_metric_history(run.info.run_id, "test_mae")) == 1  # closed once
+    files = [p for p in run_dir.rglob("*") if p.is_file()]  # MLflow's SQLite store and artifacts included
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "model.pt" for p in files)
+    leaking = [str(p.relative_to(run_dir)) for p in files
+               if secret.encode() in p.read_bytes() or secret[:16].upper().encode() in p.read_bytes()]
+    assert leaking == []
+
+
+def mlflow_processes_under(folder: Path) -> list[str]:
+    """Command lines of live MLflow servers (and their guards) whose store lies under `folder`."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if str(folder) in cmdline and "mlflow" in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(cmdline)
+    return found
+
+
+# Moments of a sweep's start-up at which Ctrl-C comes: its run directory made, its own MLflow
+# server launched (booting while Ray starts), the server answering (the sweep run opens).
+SWEEP_MOMENTS = {
+    "run directory made": lambda tmp_path, out: any((tmp_path / "sweeps").glob("t-*/sweep.yaml")),
+    "server launched": lambda tmp_path, out: any((tmp_path / "sweeps").glob("t-*/mlflow/server.log")),
+    "server answering": lambda tmp_path, out: "MLflow: experiment" in out.read_text(),
+}
+
+
+@pytest.mark.parametrize("command, moment", [*(("sweep", m) for m in SWEEP_MOMENTS), ("run", "server launched")])
+def test_ctrl_c_at_any_moment_of_a_sweeps_start_leaves_no_mlflow_server(tmp_path, command, moment):
+    config = write_config(tmp_path, datasets=["synth_regression"], models=["baseline"],
+                          budget={"trials_per_pair": 2, "max_epochs": 2}, search={"scheduler": "none"})
+    out = tmp_path / "out.txt"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with out.open("w") as handle:
+        driver = subprocess.Popen([MSA, command, str(config)], cwd=tmp_path, stdout=handle, stderr=subprocess.STDOUT,
+                                  text=True, env=env)
+    try:
+        deadline = time.time() + 180
+        while not SWEEP_MOMENTS[moment](tmp_path, out):
+            assert time.time() < deadline and driver.poll() is None, out.read_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=180)
+    assert driver.returncode == 130, out.read_text()[-3000:]
+    assert mlflow_processes_under(tmp_path) == [], "the sweep's MLflow server must stop with the command"
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    from msa.platform.cli import main
+
+    config = write_config(tmp_path, datasets=["synth_regression"], models=["baseline"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    from msa.platform.core.config import to_plain
+
+    (run_dir / "sweep.yaml").write_text(yaml.safe_dump(to_plain(load_sweep_config(config))))
+    assert main(["sweep", "--resume", str(run_dir), str(config), "budget.trials_per_pair=3"]) == 2
+
+
+def test_infeasible_trial_resources_fail_fast(ray_runtime, tmp_path):
+    config = load_sweep_config(write_config(
+        tmp_path, datasets=["synth_regression"], models=["baseline"],
+        resources={"workers_per_trial": 3, "cpus_per_worker": 1},
+    ))
+    started = time.time()
+    with pytest.raises(MsaError, match=r"a trial needs 3 workers x \{CPU: 1\} \(placement PACK\) but the cluster can hold "
+                                       r"at most 2 such workers across the nodes"):
+        run_sweep(config)
+    assert time.time() - started < 120  # a message, not a hang
+    assert not (tmp_path / "sweeps").exists()  # and no run directory, nor the storage folder it made
+
+
+def test_an_address_is_refused_when_the_process_already_runs_ray(ray_runtime, tmp_path):
+    config = load_sweep_config(write_config(tmp_path, datasets=["synth_regression"], models=["baseline"]))
+    with pytest.raises(MsaError, match=r"cannot join the Ray cluster at 'head-node:6379': this process already runs Ray"):
+        run_sweep(config, address="head-node:6379")
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_two_models_two_datasets_two_workers_zero1_with_asha_pruning(ray_runtime, tmp_path):
+    config = load_sweep_config(write_config(
+        tmp_path, name="grid", datasets=["synth_regression", "synth_classification"], models=["baseline", "tfn"],
+        budget={"trials_per_pair": 2, "max_epochs": 3},
+        search={"sampler": "tpe", "seed": 0, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 1},
+        deepspeed={"zero_stage": 1},
+    ))
+    rows = run_sweep(config).pairs
+    (run_dir,) = (tmp_path / "sweeps").glob("grid-*")
+
+    assert [r.pair for r in rows] == [
+        "baseline-synth_regression", "baseline-synth_classification", "tfn-synth_regression", "tfn-synth_classification"
+    ]
+    assert {r.metric for r in rows} == {"valid_mae", "valid_acc"}
+    for row in rows:
+        assert row.trials == 2 and row.failed == 0 and row.complete + row.pruned == 2
+        folder = Path(row.best_checkpoint)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest() == metrics["weights_sha256"]
+
+    all_studies = studies(run_dir)
+    pruned = [t for s in all_studies.values() for t in s.trials if t.state == TrialState.PRUNED]
+    assert pruned, "ASHA stopped no trial; Optuna must list scheduler-stopped trials as PRUNED"
+    for trial in pruned:  # Optuna's value of a pruned trial is its last intermediate value
+        assert trial.intermediate_values, "a pruned trial must keep its per-epoch values"
+        assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
+        assert max(trial.intermediate_values) < 3  # stopped before max_epochs
+    # Two data-parallel ranks per trial: ZeRO-1 writes one optimizer shard per rank.
+    assert list((run_dir / "train").rglob("zero_pp_rank_1_*optim_states.pt"))
+    assert (run_dir / "summary.csv").is_file()
+
+
+def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_on(ray_runtime, tmp_path, tracking_store):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: categorical, choices: [1.0e-3, 1.0e+30]}  # 1e30: the loss is NaN in epoch 1\n")
+    config = load_sweep_config(write_config(
+        tmp_path, name="failing", datasets=["synth_regression"], models=["baseline"],
+        budget={"trials_per_pair": 4, "max_epochs": 2},
+        search={"sampler": "random", "seed": 0, "scheduler": "none", "spaces": {"baseline": str(space)}},
+        resources={"workers_per_trial": 1, "max_concurrent_trials": 2, "max_failures": 1},
+    ))
+    (row,) = run_sweep(config).pairs
+    (run_dir,) = (tmp_path / "sweeps").glob("failing-*")
+
+    (study,) = studies(run_dir).values()
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(study.trials) == 4 and len(failed) + len(complete) == 4
+    assert failed and complete, "seed 0 must draw both learning rates"
+    assert {t.params["lr"] for t in failed} == {1e30} and {t.params["lr"] for t in complete} == {1e-3}
+    assert (row.failed, row.complete) == (len(failed), len(complete))
+    assert row.best_checkpoint is not None
+    for trial in failed:  # tried once, retried once (max_failures=1), then given up
+        error_log = (run_dir / "ray" / "baseline-synth_regression" / trial.user_attrs["ray_trial_id"] / "error.txt").read_text()
+        assert "training loss became nan in epoch 1" in error_log
+        assert error_log.count("Failure #") == 2, error_log[:2000]
+        # Ray, Optuna and MLflow give the same reason: the last line of Ray's error record.
+        reason = error_log.strip().splitlines()[-1].strip()
+        assert reason.endswith("NonFiniteLossError: training loss became nan in epoch 1; lower lr or check the data")
+        assert trial.user_attrs["fail_reason"] == reason
+    with tracking_store(run_dir) as mlflow_client:  # two attempts of a failed trial: one run, FAILED
+        runs = {r.data.tags["ray_trial_id"]: r for r in trial_runs(mlflow_client, run_dir)}
+        assert len(runs) == 4
+        for trial in failed:
+            run = runs[trial.user_attrs["ray_trial_id"]]
+            assert run.info.status == "FAILED" and run.data.tags["msa.trial_state"] == "failed"
+            assert run.data.tags["msa.fail_reason"] == trial.user_attrs["fail_reason"]
+            assert run.data.params["lr"] == "1e+30"
+        assert {runs[t.user_attrs["ray_trial_id"]].info.status for t in complete} == {"FINISHED"}
+
+    # --resume of a sweep whose failed trials used up their retries: none is started again.
+    error_logs = {t.user_attrs["ray_trial_id"]: run_dir / "ray" / "baseline-synth_regression" / t.user_attrs["ray_trial_id"]
+                  / "error.txt" for t in failed}
+    before = {trial_id: path.read_text() for trial_id, path in error_logs.items()}
+    (resumed,) = run_sweep(config, resume_dir=run_dir).pairs
+    assert (resumed.trials, resumed.failed, resumed.complete) == (4, len(failed), len(complete))
+    assert {trial_id: path.read_text() for trial_id, path in error_logs.items()} == before  # no new attempt
+    (study,) = studies(run_dir).values()
+    assert sorted(t.state.name for t in study.trials) == sorted(["FAIL"] * len(failed) + ["COMPLETE"] * len(complete))
+    with tracking_store(run_dir) as mlflow_client:
+        runs = {r.data.tags["ray_trial_id"]: r for r in trial_runs(mlflow_client, run_dir)}
+        assert len(runs) == 4
+        assert {runs[t.user_attrs["ray_trial_id"]].info.status for t in failed} == {"FAILED"}
+
+
+def test_a_raising_trial_resumes_from_its_checkpoint_and_a_crashed_tracking_server_loses_no_epoch(
+        ray_runtime, tmp_path, tracking_store):
+    """Two faults in one sweep. The trial raises at the start of epoch 4 and is retried from its
+    last checkpoint: its losses match an uninterrupted run. Its MLflow server is SIGKILLed (as the
+    OOM killer would) after epoch 1: the guard starts it again on the same port and store, and the
+    trial's retried requests land, each epoch once."""
+    import threading
+
+    from msa.platform.training.config import TrainConfig
+    from msa.platform.training.loop import train_loop
+
+    config = load_sweep_config(write_config(
+        tmp_path, name="raise", datasets=["synth_regression"], models=["baseline"],
+        train={"patience": 6, "inject_fault": "raise", "inject_fault_epoch": 4},
+        budget={"trials_per_pair": 1, "max_epochs": 6}, search={"scheduler": "none", "seed": 0},
+        resources={"workers_per_trial": 1, "max_failures": 1},
+    ))
+    outcome: list = []
+    sweep_thread = threading.Thread(target=lambda: outcome.append(run_sweep(config).pairs))
+    sweep_thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "sweeps").glob("raise-*/trials/*/*/metrics.json")):
+        time.sleep(0.2)  # until the trial has logged epoch 1 and written its best checkpoint
+    (run_dir,) = (tmp_path / "sweeps").glob("raise-*")
+    pgrep = lambda *args: subprocess.run(["pgrep", *args], capture_output=True, text=True).stdout.split()  # noqa: E731
+    (guard,) = pgrep("-f", f"msa.platform.tracking.guard .*{run_dir}/mlflow/mlflow.db")
+    (server,) = pgrep("-g", guard, "-f", "uvicorn")
+    os.kill(int(server), signal.SIGKILL)
+    sweep_thread.join(timeout=600)
+    assert outcome, "the sweep did not finish"
+    ((row,),) = outcome
+    log = (run_dir / "mlflow" / "server.log").read_text()
+    assert "[guard] mlflow server exited with status" in log and "starting it again (1/3)" in log
+
+    (study,) = studies(run_dir).values()
+    (trial,) = study.trials
+    # A retry that started over would meet the fault again and, with max_failures 1, fail.
+    assert trial.state == TrialState.COMPLETE and row.complete == 1
+    trial_id = trial.user_attrs["ray_trial_id"]
+    error_log = (run_dir / "ray" / "baseline-synth_regression" / trial_id / "error.txt").read_text()
+    assert error_log.count("Failure #") == 1 and "injected fault: rank 0 raised at the start of epoch 4" in error_log
+
+    resolved = yaml.safe_load((Path(row.best_checkpoint) / "config.yaml").read_text())
+    fields = {k: v for k, v in resolved.items() if k in TrainConfig.__dataclass_fields__}
+    uninterrupted = train_loop({**fields, "inject_fault": "none", "out": str(tmp_path / "uninterrupted")})
+    with tracking_store(run_dir) as mlflow_client:
+        (run,) = trial_runs(mlflow_client, run_dir)
+        assert run.info.status == "FINISHED"
+        for name in ("train_loss", "valid_mae"):
+            logged = sorted((m.step, m.value) for m in mlflow_client.get_metric_history(run.info.run_id, name))
+            assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6]  # each epoch once, across both faults
+            expected = [record[name] for record in uninterrupted.history]
+            assert [value for _, value in logged] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def killed_train_workers(ray_runtime) -> int:
+    """Ray Train workers of this runtime whose process died (rather than being shut down)."""
+    from ray.util.state import list_actors
+
+    dead = list_actors(address=ray_runtime.get_runtime_context().gcs_address, detail=True, limit=10_000,
+                       filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "DEAD")])
+    return sum("worker process has died" in str(actor.death_cause) for actor in dead)
+
+
+def test_a_killed_worker_of_a_two_worker_trial_is_replaced_and_the_trial_resumes_from_its_checkpoint(
+        ray_runtime, tmp_path, tracking_store):
+    config = load_sweep_config(write_config(
+        tmp_path, name="kill", datasets=["synth_regression"], models=["baseline"],
+        train={"patience": 5, "inject_fault": "kill", "inject_fault_epoch": 2},
+        budget={"trials_per_pair": 1, "max_epochs": 3}, search={"scheduler": "none", "seed": 0},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 1, "max_failures": 1},
+    ))
+    killed_before = killed_train_workers(ray_runtime)
+    (row,) = run_sweep(config).pairs
+    assert killed_train_workers(ray_runtime) == killed_before + 1
+    (run_dir,) = (tmp_path / "sweeps").glob("kill-*")
+    (study,) = studies(run_dir).values()
+    (trial,) = study.trials
+    # Rank 1 SIGKILLs itself at the start of epoch 2 of any attempt that did not resume from a
+    # checkpoint: completing within one retry means the new worker group resumed from epoch 1's.
+    assert trial.state == TrialState.COMPLETE and row.complete == 1
+    with tracking_store(run_dir) as mlflow_client:
+        (run,) = trial_runs(mlflow_client, run_dir)
+        assert run.info.status == "FINISHED"
+        steps = sorted(m.step for m in mlflow_client.get_metric_history(run.info.run_id, "train_loss"))
+        assert steps == [1, 2, 3]
