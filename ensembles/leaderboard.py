@@ -31,6 +31,7 @@ from typing import Any
 
 from msa.platform.core.errors import MsaError
 from msa.platform.core.files import atomic_write, finite_or_none
+from msa.platform.core.run_dir import RunDir
 from msa.platform.tracking.plots import pyplot
 
 FORMATS = ("csv", "md", "json", "html")
@@ -422,7 +423,8 @@ def export_board(source: Path, fmt: str, out: Path | None) -> str | None:
     """
     path = Path(source)
     if path.is_dir():
-        path = path / "ensembles" / "leaderboard.json" if (path / "ensembles").is_dir() else path / "leaderboard.json"
+        ensembles = RunDir(path).ensembles_dir  # a run directory, or an ensembles folder itself
+        path = (ensembles if ensembles.is_dir() else path) / f"leaderboard{SUFFIXES['json']}"
     if not path.is_file():
         raise MsaError(f"no leaderboard at {path}; run msa ensemble RUN_DIR first")
     text = render(read_board(path), fmt)

@@ -6,6 +6,7 @@ functions. Each checker also gets a case that shows it fails."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,22 @@ def test_platform_files_and_functions_stay_small():
                 if length > MAX_FUNCTION_LINES and LONG_FUNCTION_REASON not in (ast.get_docstring(node) or ""):
                     problems.append(f"{path}:{node.lineno}: {node.name} has {length} lines and no reason in its docstring")
     assert not problems, "\n".join(problems)
+
+
+def test_every_imported_package_is_declared(repo_root):
+    """Each third-party package the source imports (at the top or deferred) is a dependency in
+    pyproject.toml, not only something another dependency happens to bring."""
+    from importlib.metadata import packages_distributions
+
+    declared = {re.split(r"[\[<>=!~ ]", line, maxsplit=1)[0].lower()
+                for line in tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["dependencies"]}
+    distributions = packages_distributions()
+    missing = set()
+    for path in source_files():
+        for module, _, _ in imports(ast.parse((REPO_ROOT / path).read_text())):
+            top = module.split(".")[0]
+            if top in sys.stdlib_module_names or top in ("msa", "__future__"):
+                continue
+            if not {d.lower() for d in distributions.get(top, [top])} & declared:
+                missing.add(f"{top} (imported by {path})")
+    assert not missing, sorted(missing)

@@ -99,6 +99,16 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def forget_artifact_repositories() -> None:
+    """Drop MLflow's process-wide cache of each run's artifact repository. Each entry keeps the
+    server address it was made with, so a process that meets a run again through a server on
+    another port (a sweep resumed in the same process, its own server restarted on a new free
+    port) would upload that run's artifacts to the old address, retrying for minutes."""
+    from mlflow.tracking._tracking_service import utils
+
+    utils._artifact_repos_cache.clear()
+
+
 # --- DeepSpeed 0.19.8 -----------------------------------------------------------------------
 
 def skip_shared_memory_op() -> None:

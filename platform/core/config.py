@@ -1,6 +1,6 @@
 """Typed configuration: YAML files and `key=value` overrides turned into validated dataclasses.
 
-One mechanism for every config in the project (training, model hyperparameters, later sweeps):
+One mechanism for every config in the project (training, model hyperparameters, sweeps, ensembles):
 unknown keys are errors naming the key and where it came from, values are checked against the
 field's type, and nothing is merged by hand.
 """

@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from msa.platform.core.compat import forget_artifact_repositories
 from msa.platform.core.errors import MsaError
 from msa.platform.core.run_dir import RunDir
 
@@ -60,6 +61,7 @@ class MlflowServer:
 
     def launch(self) -> "MlflowServer":
         """Launch the server without waiting (it boots in ~7 s while the caller does other work)."""
+        forget_artifact_repositories()  # runs of this store met earlier in this process were served elsewhere
         store = RunDir(self.run_dir)
         database, artifacts = store.mlflow_db, store.mlflow_artifacts
         artifacts.mkdir(parents=True, exist_ok=True)

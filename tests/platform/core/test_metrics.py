@@ -18,9 +18,12 @@ import pytest
 from msa.platform.core.metrics import (
     METRIC_MODES,
     SUITE_METRICS,
+    best_of,
     classification_metrics,
     compute_metrics,
+    direction,
     is_better,
+    loss_of,
     mosi_metrics,
     sims_metrics,
 )
@@ -473,3 +476,14 @@ def test_numpy_scores_match_scikit_learn(seed):
     for name, sklearn_score in (("f1_macro", f1_score), ("precision_macro", precision_score),
                                 ("recall_macro", recall_score)):
         assert macro[name] == pytest.approx(100 * sklearn_score(truth, pred, average="macro", zero_division=0), abs=1e-9)
+
+
+def test_one_place_knows_each_metrics_direction():
+    """`loss_of` orders every metric lower-is-better with undefined values last; `is_better`,
+    `best_of` and `direction` agree with it."""
+    assert [direction(m) for m in ("mae", "corr", "acc2_non0", "acc")] == ["lower", "higher", "higher", "higher"]
+    assert sorted([0.9, float("nan"), 0.7], key=lambda v: loss_of("mae", v))[:2] == [0.7, 0.9]
+    assert sorted([70.0, None, 80.0], key=lambda v: loss_of("acc", v))[:2] == [80.0, 70.0]
+    assert best_of("mae", np.array([0.9, np.nan, 0.7])) == 0.7 and best_of("corr", np.array([0.1, 0.5])) == 0.5
+    assert math.isnan(best_of("mae", np.array([np.nan, np.nan])))
+    assert is_better("acc", 80.0, 70.0) and not is_better("mae", 0.9, 0.7) and not is_better("mae", float("nan"), None)

@@ -27,7 +27,15 @@ import pytest
 import yaml
 
 from msa.platform.core.errors import MsaError
-from msa.platform.sweep.cluster import NodeKind, TrialShape, check_trial_fits, launcher_node_kinds, require_run_dir
+from msa.platform.sweep.cluster import (
+    NodeKind,
+    TrialShape,
+    check_trial_fits,
+    launcher_node_kinds,
+    require_run_dir,
+    trial_shape,
+)
+from msa.platform.sweep.config import ResourcesConfig
 
 BIN = Path(sys.executable).parent
 
@@ -273,6 +281,25 @@ def test_trial_fit_counts_nodes_by_placement(shape, kinds, refusal):
     else:
         with pytest.raises(MsaError, match=refusal.replace("{", r"\{").replace("}", r"\}").replace("(", r"\(")):
             check_trial_fits(shape, kinds)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_one_resource_bundle_gives_the_fit_check_tunes_request_and_the_workers(inline):
+    """`trial_shape` is the one source: Tune's request for the trial function, each Ray Train
+    worker's bundle and the fit check all read it, so they cannot drift apart."""
+    resources = ResourcesConfig(workers_per_trial=1 if inline else 2, cpus_per_worker=2.0, gpus_per_worker=0.5,
+                                worker_resources={"accelerator_type:H100": 0.001}, inline_single_worker=True)
+    shape = trial_shape(resources)
+    per_worker = {"CPU": 2.0, "GPU": 0.5, "accelerator_type:H100": 0.001}
+    assert shape.inline is inline and shape.per_worker == per_worker and shape.use_gpu
+    # An inline trial trains in the Tune function's process, which holds the worker's share.
+    assert shape.tune_request == ({**per_worker, "trial_slot": 1} if inline else {"CPU": 0, "trial_slot": 1})
+    node = {"CPU": 8.0, "GPU": 1.0, "trial_slot": 2.0}
+    with pytest.raises(MsaError, match=r"accelerator_type:H100"):  # the custom resource is checked too
+        check_trial_fits(shape, [NodeKind("gpu", node, 1)])
+    check_trial_fits(shape, [NodeKind("gpu", {**node, "accelerator_type:H100": 1.0}, 1)])
+    cpu_only = trial_shape(ResourcesConfig(gpus_per_worker=0.0))
+    assert "GPU" not in cpu_only.per_worker and not cpu_only.use_gpu
 
 
 def test_the_launcher_configs_node_types_hold_a_multi_gpu_trial_but_not_more_gpus_than_exist(repo_root):
