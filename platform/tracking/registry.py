@@ -4,8 +4,9 @@ A registered model ``msa-<model>-<dataset>`` is an MLflow pyfunc whose artifacts
 checkpoint folder (weights + resolved config). Its signature is tensor based: per modality a
 float32 ``(-1, T, d)`` array named after the modality and an int64 ``(-1,)`` array named
 ``<modality>_lengths``; the output is ``(-1,)`` scores (regression) or ``(-1, C)`` class
-probabilities. `predict` runs the training loop's own `predict` (same batch size, fp32 on CPU), so
-it reproduces the checkpoint's stored valid/test predictions bit for bit. MLflow enforces the
+probabilities. `predict` runs the training loop's own `predict` (same batch size, fp32 on CPU,
+and the torch thread count the checkpoint recorded, since float sums follow it), so it
+reproduces the checkpoint's stored valid/test predictions bit for bit. MLflow enforces the
 signature on every call; `predict_splits` checks a dataset first, for a one-line error.
 Loading needs this package installed (the model class is referenced, not copied); models
 registered by msa-sweep 0.1.0 name the class by its old path, `msa.platform.model_registry`,
