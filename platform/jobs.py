@@ -228,11 +228,7 @@ def _tracking_uri(args: argparse.Namespace):
     --tracking-uri, or $MLFLOW_TRACKING_URI (checked)."""
     if args.run_dir:
         return serving("", Path(args.run_dir).resolve())
-    return serving(args.tracking_uri or _environment_uri(), None)
-
-
-def _environment_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", "")
+    return serving(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), None)
 
 
 def registry(args: argparse.Namespace) -> None:

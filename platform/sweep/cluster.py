@@ -36,7 +36,6 @@ from msa.platform.tracking.server import check_tracking_uri
 TRIAL_SLOT = "trial_slot"
 # Where `ray up` leaves the autoscaler's config on the head node (the driver's node under `ray job submit`).
 LAUNCHER_CONFIG = Path("~/ray_bootstrap_config.yaml").expanduser()
-PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 NODE_ANSWER_TIMEOUT_S = 120.0
 
 

@@ -48,7 +48,7 @@ from msa.platform.sweep.summary import PairSummary, SweepResult, summarize_study
 from msa.platform.sweep.trial import PairContext, run_trial
 from msa.platform.tracking.server import MlflowServer, check_tracking_uri
 from msa.platform.tracking.sweep_runs import SweepTracking
-from msa.platform.training.config import SWEEP_OWNED, resolve_config
+from msa.platform.training.config import resolve_config
 
 
 class SweepInterrupted(MsaError):
@@ -265,7 +265,6 @@ def trial_param_space(config: SweepConfig, space: SearchSpace, model: str, datas
     owned = {"model": model, "data": dataset.source, "seed": config.search.seed, "epochs": config.budget.max_epochs,
              "selection_metric": metric, "zero_stage": config.deepspeed.zero_stage,
              "precision": config.deepspeed.precision}
-    assert set(owned) | {"out"} == set(SWEEP_OWNED), "every sweep-owned key is set here"
     return {**config.train, **space.fixed_values(), **owned}
 
 

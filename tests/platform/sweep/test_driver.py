@@ -19,8 +19,11 @@ import yaml
 from optuna.trial import TrialState
 
 from msa.platform.core.errors import MsaError
+from msa.platform.data.synth import synthesize
 from msa.platform.sweep.config import load_sweep_config
-from msa.platform.sweep.driver import run_sweep
+from msa.platform.sweep.driver import run_sweep, trial_param_space
+from msa.platform.sweep.search_space import load_search_space
+from msa.platform.training.config import SWEEP_OWNED
 
 MSA = str(Path(sys.executable).parent / "msa")
 
@@ -211,6 +214,17 @@ def test_resume_refuses_a_different_config(tmp_path):
 
     (run_dir / "sweep.yaml").write_text(yaml.safe_dump(to_plain(load_sweep_config(config))))
     assert main(["sweep", "--resume", str(run_dir), str(config), "budget.trials_per_pair=3"]) == 2
+
+
+def test_every_trial_gets_each_sweep_owned_key_from_the_sweep(demo_path):
+    """The keys a search space and a `train:` section may not name are exactly those the sweep
+    sets for every trial (``out``: the trial's folder, set by the trial itself)."""
+    config = load_sweep_config(demo_path, ["train.patience=5"])
+    dataset = synthesize("regression", seed=0, sizes={"train": 8, "valid": 4, "test": 4})
+    params = trial_param_space(config, load_search_space("baseline"), "baseline", dataset, "mae")
+    owned = {key for key in params if key in SWEEP_OWNED}
+    assert owned | {"out"} == set(SWEEP_OWNED)
+    assert params["patience"] == 5 and params["epochs"] == config.budget.max_epochs and params["seed"] == config.search.seed
 
 
 def test_infeasible_trial_resources_fail_fast(ray_runtime, tmp_path):
