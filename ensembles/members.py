@@ -25,7 +25,7 @@ from msa.platform.core.run_dir import RunDir
 from msa.platform.data.features import FeatureSet
 from msa.platform.data.readers import load_dataset
 from msa.platform.tracking.client import PAIR_TAG, ROLE_TAG, STATE_TAG, TRIAL_TAG, client
-from msa.platform.tracking.registry import LoadedCheckpoint, split_inputs
+from msa.platform.tracking.registry import LoadedCheckpoint
 from msa.platform.training.checkpoint import PREDICTED_SPLITS, Checkpoint
 
 ENSEMBLE_SPLITS = PREDICTED_SPLITS
@@ -196,7 +196,7 @@ def _recompute(member: Member, stored: Checkpoint, splits: list[str], datasets: 
         part = dataset.splits[split]
         member.ids[split] = tuple(str(i) for i in part.ids)
         member.labels[split] = np.asarray(part.labels)
-        member.predictions[split] = checkpoint.predict(split_inputs(part, checkpoint.spec.modalities))
+        member.predictions[split] = checkpoint.predict(checkpoint.inputs_of(part))
     member.recomputed = True
 
 

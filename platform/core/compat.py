@@ -1,8 +1,9 @@
-"""Every private API of Ray, Optuna, MLflow and DeepSpeed that msa touches, each behind one
-function, with the version it was checked on. When an upgrade breaks one, it breaks here.
+"""Every private API of Ray, Optuna, MLflow, DeepSpeed and transformers that msa touches, each
+behind one function, with the version it was checked on. When an upgrade breaks one, it breaks here.
 
 Each function imports its library when called (this module sits in `core`, below the layers
-that import those libraries). Checked on Ray 2.60.0, Optuna 5.0.0, MLflow 3.17.2, DeepSpeed 0.19.8.
+that import those libraries). Checked on Ray 2.60.0, Optuna 5.0.0, MLflow 3.17.2, DeepSpeed 0.19.8,
+transformers 5.24.0.
 """
 from __future__ import annotations
 
@@ -116,3 +117,14 @@ def skip_shared_memory_op() -> None:
     op (about 40 s on a new machine). `import deepspeed.comm.torch as m` would bind another
     module of that name, hence importlib."""
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+# --- transformers 5.24.0 --------------------------------------------------------------------
+
+def bidirectional_attention_mask(config, hidden, attention_mask):
+    """The mask a BERT-family layer takes, from a ``(B, L)`` 0/1 attention mask: what the
+    model's own forward builds before its first layer, needed to run its layers one by one
+    (the frozen-prefix cache runs the lower ones once and the upper ones in training)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)

@@ -3,6 +3,10 @@
 Per split (train/valid/test): per-modality padded float32 arrays ``(N, T, d)``, their lengths,
 labels and ids. Every reader returns one, and every check on the data's consistency lives here,
 so a bad file fails before any model is built.
+
+With a text encoder (`msa.platform.data.text`), the ``text`` modality is replaced by what the
+encoder reads: int64 token ids ``(N, L)`` (lengths from the attention mask), or the encoder's
+hidden states after its frozen layers ``(N, L, h)``; `TextEncoding` says which.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ class Split:
         labels: ``(N,)`` float32 scores (regression) or int64 class ids (classification).
         unimodal_labels: modality -> ``(N,)`` float32 (CH-SIMS); empty when the data has none.
         raw_text: ``(N,)`` transcripts when the file has them.
+        text_bert: ``(N, 3, L)`` MMSA's BERT input (token ids, attention mask, segment ids) when
+            the file has it.
     """
 
     ids: np.ndarray
@@ -36,9 +42,32 @@ class Split:
     labels: np.ndarray
     unimodal_labels: dict[str, np.ndarray] = field(default_factory=dict)
     raw_text: np.ndarray | None = None
+    text_bert: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """What the ``text`` modality of a `FeatureSet` holds when a text encoder reads it.
+
+    Args:
+        tokenizer_sha256: digest of the tokenizer files that made the token ids.
+        max_length: tokens per clip (padded or truncated to it).
+        hidden_size: the encoder's hidden size: the text dimension models are built with.
+        source: where the ids came from: ``raw_text`` or ``text_bert``.
+        prefix_layers: 0 for token ids; k for hidden states after the embeddings and the first
+            k layers (the frozen prefix, computed once).
+        encoder_sha256: digest of the encoder weights the prefix was computed with ("" for ids).
+    """
+
+    tokenizer_sha256: str
+    max_length: int
+    hidden_size: int
+    source: str
+    prefix_layers: int = 0
+    encoder_sha256: str = ""
 
 
 @dataclass
@@ -54,6 +83,7 @@ class FeatureSet:
         source: the path it was read from.
         fingerprint: SHA-256 of `source` when the caller has computed it (a sweep does, once per
             dataset, so its trials need not re-read the file).
+        text_encoding: set when ``text`` holds a text encoder's input (see `TextEncoding`).
 
     Raises:
         MsaError: naming the split and modality when the data is inconsistent.
@@ -66,6 +96,7 @@ class FeatureSet:
     class_names: tuple[str, ...] = ()
     source: str = ""
     fingerprint: str | None = None
+    text_encoding: TextEncoding | None = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -77,8 +108,11 @@ class FeatureSet:
     @property
     def spec(self) -> DataSpec:
         train = self.splits["train"]
+        dims = {m: int(train.features[m].shape[-1]) for m in self.modalities}
+        if self.text_encoding is not None:
+            dims["text"] = self.text_encoding.hidden_size
         return DataSpec(
-            dims={m: int(train.features[m].shape[2]) for m in self.modalities},
+            dims=dims,
             max_lengths={m: int(train.features[m].shape[1]) for m in self.modalities},
             task=self.task,
             num_classes=len(self.class_names),
@@ -102,6 +136,8 @@ class FeatureSet:
         if self.task == "classification" and len(self.class_names) < 2:
             self._fail("classification data needs at least 2 class names")
         reference_dims = {m: self.splits["train"].features[m].shape[2:] for m in modalities}
+        if self.text_encoding is not None and self.text_encoding.prefix_layers == 0:
+            reference_dims["text"] = ()  # token ids: (N, L)
         for split_name in SPLITS:
             self._validate_split(split_name, self.splits[split_name], reference_dims)
 
@@ -116,15 +152,18 @@ class FeatureSet:
             )
         for m, array in split.features.items():
             where = f"split {split_name!r}, modality {m!r}"
-            if array.ndim != 3:
+            if not reference_dims[m]:
+                if array.ndim != 2 or array.dtype != np.int64 or (array < 0).any():
+                    self._fail(f"{where}: token ids must be a (N, L) int64 array of ids >= 0, got {array.dtype} {array.shape}")
+            elif array.ndim != 3:
                 self._fail(f"{where}: expected a (N, T, d) array, got shape {array.shape}")
-            if array.shape[2:] != reference_dims[m]:
+            elif array.shape[2:] != reference_dims[m]:
                 self._fail(
                     f"{where}: feature dim {array.shape[2]} differs from train's {reference_dims[m][0]}"
                 )
             if array.shape[0] != n:
                 self._fail(f"{where}: {array.shape[0]} rows but {n} ids")
-            bad_rows = int((~np.isfinite(array)).any(axis=(1, 2)).sum())
+            bad_rows = int((~np.isfinite(array)).any(axis=(1, 2)).sum()) if array.ndim == 3 else 0
             if bad_rows:
                 self._fail(f"{where}: {bad_rows} rows contain NaN or inf features")
             lengths = split.lengths.get(m)

@@ -8,8 +8,8 @@ Formats, detected from the path (not the extension):
   ``{s}_regression_labels_{T,A,V}``; optional ``meta_json`` with ``class_names`` and ``label_scale``.
 * MMSA pickles (``aligned_50.pkl``, ``unaligned_50.pkl``, SIMS ``unaligned_39.pkl``): a dict of
   splits with ``id``, ``raw_text``, ``text``/``audio``/``vision``, ``audio_lengths``,
-  ``vision_lengths``, ``regression_labels`` (or ``classification_labels``) and for CH-SIMS
-  ``regression_labels_T/A/V``. **Unpickling runs code**: only paths the user names are read.
+  ``vision_lengths``, ``regression_labels`` (or ``classification_labels``), for CH-SIMS
+  ``regression_labels_T/A/V``, and optionally ``text_bert`` (BERT token ids, mask, segments). **Unpickling runs code**: only paths the user names are read.
 * a MIntRec folder: ``train.tsv``/``dev.tsv``/``test.tsv`` (season, episode, clip, text, label) and
   feature pickles ``video_feats.pkl``, ``audio_feats.pkl`` and optionally ``text_feats.pkl``
   (each a dict ``"season_episode_clip" -> (T, d)``), found anywhere under the folder.
@@ -115,7 +115,7 @@ def _build(source: Path, split_fields: dict[str, dict[str, Any]], meta: dict[str
         labels = f["regression_labels"] if task == "regression" else f["classification_labels"]
         splits[name] = Split(
             ids=f["ids"], features=f["features"], lengths=f["lengths"], labels=labels,
-            unimodal_labels=f.get("unimodal_labels", {}), raw_text=f.get("raw_text"),
+            unimodal_labels=f.get("unimodal_labels", {}), raw_text=f.get("raw_text"), text_bert=f.get("text_bert"),
         )
     return FeatureSet(
         name=meta.get("name") or source.stem, task=task, splits=splits, metric_suite=suite,
@@ -213,9 +213,22 @@ def _read_mmsa_pickle(path: Path, replace_nonfinite: bool) -> FeatureSet:
         _label_fields(fields, raw, where)
         if "raw_text" in raw:
             fields["raw_text"] = np.asarray(raw["raw_text"]).astype(str)
+        if "text_bert" in raw:
+            fields["text_bert"] = _text_bert(raw["text_bert"], len(fields["ids"]), where)
         split_fields[s] = fields
     meta = {k: data[k] for k in ("class_names", "label_scale", "name") if k in data}
     return _build(path, split_fields, meta)
+
+
+def _text_bert(array: Any, n: int, where: str) -> np.ndarray:
+    """MMSA's ``text_bert`` as ``(N, 3, L)`` int64: token ids, attention mask, segment ids."""
+    try:
+        ids = np.asarray(array).astype(np.int64)
+    except (TypeError, ValueError):
+        raise MsaError(f"{where}: text_bert is not a numeric array") from None
+    if ids.ndim != 3 or ids.shape[:2] != (n, 3):
+        raise MsaError(f"{where}: text_bert must have shape (N={n}, 3, L), got {ids.shape}")
+    return ids
 
 
 def _read_mintrec(folder: Path, replace_nonfinite: bool) -> FeatureSet:
@@ -310,6 +323,8 @@ def write_mmsa_pickle(dataset: FeatureSet, path: Path) -> None:
         raw: dict[str, Any] = {"id": split.ids.astype(str), label_key: split.labels}
         if split.raw_text is not None:
             raw["raw_text"] = split.raw_text
+        if split.text_bert is not None:
+            raw["text_bert"] = split.text_bert
         for m in split.features:
             raw[m] = split.features[m]
             if m != "text":

@@ -8,6 +8,11 @@ label needs all of them, so a model that fuses beats any single modality:
 * classification (20 classes, MIntRec-style): class ``4 * i_text + i_audio``; text shows one of 5
   prototypes, audio one of 4, vision a weak, noisy copy of the class prototype.
 
+Each clip also has a transcript (``raw_text``) for text encoders: filler words around words
+that carry the text factor (regression: a sentiment word from the factor's band, one band off
+now and then; classification: a topic word of the text prototype), so an encoder trained on the
+words learns what the text features show.
+
 The same seed gives byte-identical arrays. Ids are MMSA style ``synthVVV$_$C`` with several clips
 per video, so grouped folds can be tested.
 """
@@ -23,6 +28,11 @@ DEFAULT_DIMS = {"text": 32, "audio": 12, "vision": 16}
 DEFAULT_MAX_LENGTHS = {"text": 20, "audio": 30, "vision": 30}
 REGRESSION_WEIGHTS = {"text": 1.1, "audio": 0.8, "vision": 0.6}
 CLIPS_PER_VIDEO = 8
+FILLER_WORDS = ("the", "movie", "was", "really", "quite", "a", "film", "and", "story", "it", "i", "think", "so", "plot")
+SENTIMENT_BANDS = (("awful", "terrible", "horrible"), ("bad", "boring", "weak"), ("okay", "fine", "average"),
+                   ("good", "nice", "enjoyable"), ("great", "amazing", "wonderful"))
+BAND_EDGES = (-1.2, -0.4, 0.4, 1.2)
+TOPIC_WORDS = (("price", "cost"), ("food", "dinner"), ("work", "office"), ("family", "home"), ("trip", "travel"))
 
 
 def _sequences(
@@ -67,12 +77,13 @@ def synthesize(
     dims = dims or DEFAULT_DIMS
     max_lengths = max_lengths or DEFAULT_MAX_LENGTHS
     rng = np.random.default_rng(seed)
+    text_rng = np.random.default_rng([seed, 1])  # its own stream: the features do not depend on the words
     # Directions are drawn once so that every split shares them.
     directions = {m: _unit_directions(rng, 20, d) * 2.0 for m, d in dims.items()}
     splits, offset = {}, 0
     for split_name in SPLITS:
         n = sizes[split_name]
-        codes, labels = _latent_codes(rng, task, n, dims, directions)
+        codes, labels, text_factor = _latent_codes(rng, task, n, dims, directions)
         features, lengths = {}, {}
         for m in dims:
             features[m], lengths[m] = _sequences(rng, codes[m], max_lengths[m], noise=1.0)
@@ -81,7 +92,7 @@ def synthesize(
         offset = videos[-1] + 1
         splits[split_name] = Split(
             ids=ids, features=features, lengths=lengths, labels=labels,
-            raw_text=np.asarray([f"synthetic clip {i}" for i in ids]),
+            raw_text=_transcripts(text_rng, task, text_factor),
         )
     return FeatureSet(
         name=f"synth_{task}", task=task, splits=splits,
@@ -91,19 +102,42 @@ def synthesize(
     )
 
 
+def _transcripts(rng: np.random.Generator, task: str, text_factor: np.ndarray) -> np.ndarray:
+    """One transcript per clip: 3-7 filler words with 1-2 words that carry `text_factor`."""
+    texts = []
+    for value in text_factor:
+        if task == "regression":
+            band = int(np.clip(np.searchsorted(BAND_EDGES, value) + rng.choice([-1, 0, 0, 0, 1]), 0, 4))
+            carriers = SENTIMENT_BANDS[band]
+        else:
+            carriers = TOPIC_WORDS[int(value)]
+        words = list(rng.choice(FILLER_WORDS, size=rng.integers(3, 8)))
+        for _ in range(rng.integers(1, 3)):
+            words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(carriers)))
+        texts.append(" ".join(words))
+    return np.asarray(texts)
+
+
+def vocabulary() -> list[str]:
+    """Every word the transcripts use (a test's tiny tokenizer is built from it)."""
+    words = {*FILLER_WORDS, *(w for band in SENTIMENT_BANDS for w in band), *(w for t in TOPIC_WORDS for w in t)}
+    return sorted(words)
+
+
 def _latent_codes(rng, task, n, dims, directions):
-    """Per-modality ``(N, d)`` codes and the labels they jointly determine."""
+    """Per-modality ``(N, d)`` codes, the labels they jointly determine, and the text factor
+    (regression: its score; classification: its prototype) the transcripts carry."""
     if task == "regression":
         factors = {m: rng.normal(size=n) for m in dims}
         score = sum(REGRESSION_WEIGHTS.get(m, 0.7) * f for m, f in factors.items())
         labels = np.clip(score + 0.25 * rng.normal(size=n), -3.0, 3.0).astype(np.float32)
         codes = {m: factors[m][:, None] * directions[m][0] for m in dims}
-        return codes, labels
+        return codes, labels, factors.get("text", np.zeros(n))
     if task == "classification":
         text_part, audio_part = rng.integers(0, 5, size=n), rng.integers(0, 4, size=n)
         labels = (4 * text_part + audio_part).astype(np.int64)
         parts = {"text": text_part, "audio": audio_part, "vision": labels}
         strength = {"text": 1.0, "audio": 1.0, "vision": 0.35}
         codes = {m: strength[m] * directions[m][parts[m]] for m in dims}
-        return codes, labels
+        return codes, labels, text_part
     raise ValueError(f"unknown task {task!r}")

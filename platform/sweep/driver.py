@@ -32,6 +32,7 @@ from msa.platform.core.run_dir import RunDir, pair_name
 from msa.platform.data.features import FeatureSet
 from msa.platform.data.readers import load_dataset, write_mmsa_pickle
 from msa.platform.data.synth import synthesize
+from msa.platform.data.text import absolute_encoder_path
 from msa.platform.sweep.callbacks import PairProgress, TrialRunCloser
 from msa.platform.sweep.cluster import (
     check_address_format,
@@ -45,6 +46,7 @@ from msa.platform.sweep.config import BUILTIN_DATASETS, SweepConfig
 from msa.platform.sweep.search_space import SearchSpace, load_search_space
 from msa.platform.sweep.searcher import PruningAwareOptunaSearch, trial_dirname
 from msa.platform.sweep.summary import PairSummary, SweepResult, summarize_study
+from msa.platform.sweep.text_inputs import DatasetRefs, sweep_inputs
 from msa.platform.sweep.trial import PairContext, run_trial
 from msa.platform.tracking.server import MlflowServer, check_tracking_uri
 from msa.platform.tracking.sweep_runs import SweepTracking
@@ -113,8 +115,10 @@ class SweepSession:
         self.config, self.address = config, address
         self.resuming = resume_dir is not None
         self.datasets = load_datasets(config, RunDir(resume_dir) if self.resuming else None)
-        check_models_fit_data(config, self.datasets)
         self.spaces = {model: load_search_space(model, config.search.spaces.get(model)) for model in config.models}
+        # What the trials read: each dataset, or with a text encoder its token ids and prefixes.
+        self.inputs, self.encoder_depth = sweep_inputs(config.train, self.datasets, list(self.spaces.values()))
+        check_models_fit_data(config, {name: inputs[0] for name, inputs in self.inputs.items()})
         if config.tracking.uri:  # an unreachable server is an input error
             check_tracking_uri(config.tracking.uri)
         if address:
@@ -137,8 +141,10 @@ class SweepSession:
             if self.run_dir is None:
                 self.run_dir = _make_run_dir(self.config)
             _save_builtin_datasets(self.datasets, self.run_dir)
-            for dataset in self.datasets.values():  # once here, not in every trial's checkpoint writer
+            for name, dataset in self.datasets.items():  # once here, not in every trial's checkpoint writer
                 dataset.fingerprint = sha256_path(dataset.source)
+                for view in self.inputs[name].values():
+                    view.source, view.fingerprint = dataset.source, dataset.fingerprint
             if not self.config.tracking.uri:
                 self.server = MlflowServer(self.run_dir.root)
                 self.server.launch()  # it boots while Ray starts
@@ -174,7 +180,7 @@ class SweepSession:
         result.write()
         return result
 
-    def _start_ray(self, own_runtime: bool) -> dict[str, ray.ObjectRef]:
+    def _start_ray(self, own_runtime: bool) -> dict[str, DatasetRefs]:
         """Start or join Ray, refuse what the cluster cannot run, and put the datasets in its store."""
         resources = self.config.resources
         joined = connect(self.address, resources.max_concurrent_trials) if own_runtime else None
@@ -188,15 +194,16 @@ class SweepSession:
             print(f"[cluster] joined {joined}: {alive} nodes alive, {len(kinds) - alive} node types the autoscaler "
                   f"may add; every node sees {self.run_dir.root} and reaches MLflow (checked in "
                   f"{time.monotonic() - checked_from:.1f} s)", flush=True)
-        return {name: ray.put(dataset) for name, dataset in self.datasets.items()}
+        return {name: DatasetRefs({depth: [ray.put(view)] for depth, view in views.items()}, self.encoder_depth)
+                for name, views in self.inputs.items()}
 
-    def _run_pair(self, model: str, dataset_name: str, ref, tracking: SweepTracking) -> PairSummary:
+    def _run_pair(self, model: str, dataset_name: str, refs: DatasetRefs, tracking: SweepTracking) -> PairSummary:
         config, dataset = self.config, self.datasets[dataset_name]
         pair = pair_name(model, dataset_name)
         metric = config.selection_metric(dataset.metric_suite)
         self.run_dir.optuna_dir.mkdir(exist_ok=True)
         context = PairContext(
-            dataset_ref=[ref], run_dir=self.run_dir, pair=pair, shape=trial_shape(config.resources),
+            dataset_refs=refs, run_dir=self.run_dir, pair=pair, shape=trial_shape(config.resources),
             max_failures=config.resources.max_failures, tune_metric=f"best_valid_{metric}", resuming=self.resuming,
             tracking=tracking.open_study(pair, model, dataset),
         )
@@ -253,6 +260,9 @@ class SweepSession:
             run_config=tune.RunConfig(
                 name=pair, storage_path=str(self.run_dir.ray_dir),
                 failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
+                # A trial resumes from its latest epoch only: older ones would pile up (an
+                # encoder's trainable state is tens of MB per epoch).
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=callbacks, verbose=1,
             ),
         )
@@ -265,7 +275,10 @@ def trial_param_space(config: SweepConfig, space: SearchSpace, model: str, datas
     owned = {"model": model, "data": dataset.source, "seed": config.search.seed, "epochs": config.budget.max_epochs,
              "selection_metric": metric, "zero_stage": config.deepspeed.zero_stage,
              "precision": config.deepspeed.precision}
-    return {**config.train, **space.fixed_values(), **owned}
+    train = dict(config.train)
+    if train.get("text_encoder", {}).get("path"):  # trials may run in other folders
+        train["text_encoder"] = {**train["text_encoder"], "path": absolute_encoder_path(train["text_encoder"]["path"])}
+    return {**train, **space.fixed_values(), **owned}
 
 
 def _restored_tuner(experiment: Path, trainable, closer: TrialRunCloser) -> tune.Tuner:

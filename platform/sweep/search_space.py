@@ -1,8 +1,9 @@
 """Search spaces: `search_spaces/<model>.yaml` loaded, validated and turned into Optuna
 distributions.
 
-Each entry names a hyperparameter, either a `TrainConfig` field (``lr``) or a field of the model's
-config (``model_config.hidden``), and gives its type and range:
+Each entry names a hyperparameter: a `TrainConfig` field (``lr``), a field of the model's config
+(``model_config.hidden``) or of the text encoder's (``text_encoder.lr``), and gives its type and
+range:
 
     lr: {type: log_float, low: 1.0e-4, high: 5.0e-3}
     model_config.hidden: {type: categorical, choices: [32, 64, 128]}
@@ -11,7 +12,8 @@ config (``model_config.hidden``), and gives its type and range:
 Validation: the name exists in the config it targets, ``low < high``, log ranges are positive,
 choices are non-empty, and every value is of the field's type. The fields a sweep sets itself
 (`msa.platform.training.config.SWEEP_OWNED`: model, data, out, seed, epochs, selection_metric,
-zero_stage, precision) cannot be searched or fixed here.
+zero_stage, precision) cannot be searched or fixed here, nor can ``text_encoder.path`` and
+``text_encoder.max_length`` (they decide the token ids, made once per dataset by the driver).
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from msa.models.registry import get_entry
 from msa.platform.core.config import build_dataclass, load_yaml_mapping
 from msa.platform.core.errors import MsaError
-from msa.platform.training.config import SWEEP_OWNED, TrainConfig
+from msa.platform.training.config import SWEEP_OWNED, TextEncoderConfig, TrainConfig
 
+# Text-encoder keys that decide the token ids, made once per dataset by the sweep's driver.
+TOKENIZATION_KEYS = ("path", "max_length")
 PARAM_TYPES = ("float", "log_float", "int", "log_int", "categorical", "fixed")
 # Optuna parameter names use "/" so that Ray's OptunaSearch unflattens them into nested configs.
 NAME_SEPARATOR = "/"
@@ -60,6 +64,12 @@ class Param:
         if self.type == "categorical":
             return CategoricalDistribution(list(self.choices))
         raise ValueError(f"{self.name} is fixed and has no distribution")
+
+    def values(self) -> list[Any]:
+        """Every value an integer, categorical or fixed parameter can take."""
+        if self.type in ("int", "log_int"):
+            return list(range(int(self.low), int(self.high) + 1))
+        return self.sample_values()
 
     def sample_values(self) -> list[Any]:
         """Values that span the parameter, used to type-check it against its config field."""
@@ -160,12 +170,17 @@ def _check_against_configs(param: Param, model_config_class: type, where: str) -
     head, _, field_name = param.name.partition(".")
     if head == "model_config" and field_name:
         target, key = model_config_class, field_name
-    elif not field_name and head not in (*SWEEP_OWNED, "model_config"):
+    elif head == "text_encoder" and field_name:
+        if field_name in TOKENIZATION_KEYS:
+            raise MsaError(f"{where}: text_encoder.{field_name} decides the token ids, which the sweep computes once "
+                           f"per dataset: set it in the sweep's train: section, not in a search space")
+        target, key = TextEncoderConfig, field_name
+    elif not field_name and head not in (*SWEEP_OWNED, "model_config", "text_encoder"):
         target, key = TrainConfig, head
     else:
         raise MsaError(
-            f"{where}: unknown hyperparameter; use a TrainConfig field or model_config.<field> "
-            f"(sweep-owned and not searchable: {', '.join(SWEEP_OWNED)})"
+            f"{where}: unknown hyperparameter; use a TrainConfig field, model_config.<field> or "
+            f"text_encoder.<field> (sweep-owned and not searchable: {', '.join(SWEEP_OWNED)})"
         )
     names = {f.name for f in dataclasses.fields(target)}
     if key not in names:

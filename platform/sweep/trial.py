@@ -28,6 +28,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from msa.platform.core.run_dir import RunDir
 from msa.platform.sweep.cluster import TrialShape, require_run_dir
+from msa.platform.sweep.text_inputs import DatasetRefs
 from msa.platform.tracking.runs import EpochLogger, TrialTracking, open_trial_run
 from msa.platform.training.loop import train_loop
 
@@ -36,7 +37,7 @@ from msa.platform.training.loop import train_loop
 class PairContext:
     """What every trial of one (model, dataset) pair needs; shipped once via `tune.with_parameters`."""
 
-    dataset_ref: list  # [ObjectRef]: a list so Ray hands the reference over, not the value
+    dataset_refs: DatasetRefs  # the dataset in the object store (per frozen-prefix depth with a text encoder)
     run_dir: RunDir
     pair: str  # also the Optuna study's name
     shape: TrialShape
@@ -94,14 +95,15 @@ def run_trial(config: dict[str, Any], context: PairContext) -> None:
                      "final": float(finished.state == TrialState.COMPLETE)})
         return
     train_config = {**config, "out": str(context.run_dir.trial(context.pair, trial_id))}
+    dataset_ref = context.dataset_refs.for_trial(train_config)
     run_id = open_trial_run(context.tracking, trial_id, train_config)
     if context.shape.inline:
-        _train_and_report(train_config, context.dataset_ref, tune, context.tracking.uri, run_id)
+        _train_and_report(train_config, dataset_ref, tune, context.tracking.uri, run_id)
         return
     shape = context.shape
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"train": train_config, "dataset_ref": context.dataset_ref,
+        train_loop_config={"train": train_config, "dataset_ref": dataset_ref,
                            "tracking_uri": context.tracking.uri, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=shape.workers, use_gpu=shape.use_gpu,
                                      resources_per_worker=shape.per_worker, placement_strategy=shape.placement),

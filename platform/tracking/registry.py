@@ -4,7 +4,10 @@ A registered model ``msa-<model>-<dataset>`` is an MLflow pyfunc whose artifacts
 checkpoint folder (weights + resolved config). Its signature is tensor based: per modality a
 float32 ``(-1, T, d)`` array named after the modality and an int64 ``(-1,)`` array named
 ``<modality>_lengths``; the output is ``(-1,)`` scores (regression) or ``(-1, C)`` class
-probabilities. `predict` runs the training loop's own `predict` (same batch size, fp32 on CPU,
+probabilities. A model with a text encoder takes ``raw_text`` instead of the text features and
+lengths: a ``(-1,)`` string array, one transcript per clip, tokenized by the tokenizer files its
+checkpoint keeps (and, when it trained on a frozen-prefix cache, its prefix computed as the
+cache was). `predict` runs the training loop's own `predict` (same batch size, fp32 on CPU,
 and the torch thread count the checkpoint recorded, since float sums follow it), so it
 reproduces the checkpoint's stored valid/test predictions bit for bit. MLflow enforces the
 signature on every call; `predict_splits` checks a dataset first, for a one-line error.
@@ -34,14 +37,19 @@ from mlflow.types.schema import Schema, TensorSpec
 
 from msa.models.registry import build_model
 from msa.platform.core.compat import untyped_python_model
+from msa.platform.core.config import build_dataclass
 from msa.platform.core.errors import MsaError
 from msa.platform.core.spec import DataSpec
+from msa.platform.data.text import encode_texts, load_tokenizer
 from msa.platform.tracking.client import client
 from msa.platform.training.checkpoint import Checkpoint
+from msa.platform.training.config import TextEncoderConfig
 from msa.platform.training.predict import predict
+from msa.platform.training.text_encoder import TextEncoderModel, frozen_layers, load_encoder, prefix_states
 
 CHAMPION = "champion"
 LENGTHS_SUFFIX = "_lengths"
+RAW_TEXT = "raw_text"
 
 
 def registered_name(model: str, dataset: str) -> str:
@@ -70,17 +78,40 @@ class LoadedCheckpoint:
         self.config, self.spec = checkpoint.config, checkpoint.spec
         self.threads = checkpoint.metrics.get("torch_threads")  # absent in checkpoints of msa-sweep 0.1.0
         self.model = build_model(self.config["model"], self.spec, self.config["model_config"])
+        self.text_encoding = checkpoint.text_encoding
+        if self.text_encoding is not None:
+            encoder_folder = checkpoint.verified_text_encoder("checkpoint")
+            encoder = load_encoder(encoder_folder, pretrained=False)
+            encoder_config = build_dataclass(TextEncoderConfig, self.config["text_encoder"], where=f"{folder} text_encoder")
+            self.model = TextEncoderModel(encoder, self.model, frozen_layers(encoder_config, encoder.config.num_hidden_layers))
+            self.tokenizer = load_tokenizer(encoder_folder)
         self.model.load_state_dict(torch.load(weights, weights_only=True))
         self.model.eval()
 
+    @property
+    def feature_modalities(self) -> tuple[str, ...]:
+        """The modalities given as features (all but text when the model reads raw text)."""
+        return tuple(m for m in self.spec.modalities if not (self.text_encoding and m == "text"))
+
+    def inputs_of(self, split) -> dict[str, np.ndarray]:
+        """A dataset split as this model's pyfunc input."""
+        return split_inputs(split, self.feature_modalities, raw_text=self.text_encoding is not None)
+
     def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """``{modality: (N, T, d), modality_lengths: (N,)}`` -> ``(N,)`` scores or ``(N, C)`` probabilities."""
-        features = {m: torch.as_tensor(np.asarray(inputs[m], dtype=np.float32)) for m in self.spec.modalities}
-        lengths = {m: torch.as_tensor(np.asarray(inputs[m + LENGTHS_SUFFIX], dtype=np.int64))
-                   for m in self.spec.modalities}
+        """``{modality: (N, T, d), modality_lengths: (N,)[, raw_text: (N,)]}`` -> ``(N,)`` scores
+        or ``(N, C)`` probabilities."""
+        modalities = self.feature_modalities
+        features = {m: torch.as_tensor(np.asarray(inputs[m], dtype=np.float32)) for m in modalities}
+        lengths = {m: torch.as_tensor(np.asarray(inputs[m + LENGTHS_SUFFIX], dtype=np.int64)) for m in modalities}
         # The training loop's own predict with its batch size and thread count: the stored
         # predictions, exactly.
         with torch_threads(self.threads):
+            if self.text_encoding is not None:
+                ids, counts = encode_texts(self.tokenizer, np.asarray(inputs[RAW_TEXT]), self.text_encoding["max_length"])
+                cached = self.text_encoding["prefix_layers"]  # trained on the prefix cache: computed as it was
+                text = prefix_states(self.model, ids, counts, [cached])[cached] if cached else ids
+                features = {"text": torch.as_tensor(text), **features}
+                lengths = {"text": torch.as_tensor(counts), **lengths}
             return predict(self.model, features, lengths, self.spec.task, int(self.config["batch_size"]))
 
 
@@ -96,10 +127,13 @@ def torch_threads(count: int | None):
         torch.set_num_threads(before)
 
 
-def split_inputs(split, modalities) -> dict[str, np.ndarray]:
-    """A dataset split as the pyfunc input mapping (float32 features, int64 lengths)."""
+def split_inputs(split, modalities, *, raw_text: bool = False) -> dict[str, np.ndarray]:
+    """A dataset split as the pyfunc input mapping (float32 features, int64 lengths, and the
+    transcripts as strings when `raw_text`)."""
     inputs = {m: np.asarray(split.features[m], dtype=np.float32) for m in modalities}
     inputs.update({m + LENGTHS_SUFFIX: np.asarray(split.lengths[m], dtype=np.int64) for m in modalities})
+    if raw_text:
+        inputs[RAW_TEXT] = np.asarray(split.raw_text, dtype=str)
     return inputs
 
 
@@ -117,9 +151,14 @@ def check_inputs(spec, shapes: dict[str, tuple[int, ...]], *, what: str) -> None
                            f"expects T={expected[0]}, d={expected[1]}")
 
 
-def signature_for(spec: DataSpec) -> ModelSignature:
+def signature_for(spec: DataSpec, *, raw_text: bool = False) -> ModelSignature:
+    """The tensor signature of a model of `spec` (reading ``raw_text`` instead of text features
+    when `raw_text`)."""
     inputs = []
     for modality in spec.modalities:
+        if raw_text and modality == "text":
+            inputs.append(TensorSpec(np.dtype(str), (-1,), RAW_TEXT))
+            continue
         inputs.append(TensorSpec(np.dtype(np.float32), (-1, spec.max_lengths[modality], spec.dims[modality]), modality))
         inputs.append(TensorSpec(np.dtype(np.int64), (-1,), modality + LENGTHS_SUFFIX))
     shape = (-1, spec.num_classes) if spec.task == "classification" else (-1,)
@@ -131,7 +170,7 @@ def spec_from_signature(signature):
     """The `DataSpec` a registered model's input signature describes (task from its output)."""
     inputs = {spec.name: spec.shape for spec in signature.inputs.inputs}
     output = signature.outputs.inputs[0]
-    modalities = [name for name in inputs if not name.endswith(LENGTHS_SUFFIX)]
+    modalities = [name for name in inputs if not name.endswith(LENGTHS_SUFFIX) and name != RAW_TEXT]
     classification = len(output.shape) == 2
     return DataSpec(dims={m: inputs[m][2] for m in modalities}, max_lengths={m: inputs[m][1] for m in modalities},
                     task="classification" if classification else "regression",
@@ -147,14 +186,17 @@ def register_checkpoint(uri: str, run_id: str, folder: Path, name: str, tags: di
         MsaError: the weights do not match the SHA-256 the trial recorded (nothing is registered)."""
     checkpoint = Checkpoint(folder)
     checkpoint.verified_weights(f"registering {name}")
-    spec = checkpoint.spec
     return register_pyfunc(uri, run_id, name, tags, python_model=CheckpointModel(),
-                           artifacts={"checkpoint": str(folder)}, spec=spec)
+                           artifacts={"checkpoint": str(folder)}, signature=checkpoint_signature(checkpoint))
+
+
+def checkpoint_signature(checkpoint: Checkpoint) -> ModelSignature:
+    return signature_for(checkpoint.spec, raw_text=checkpoint.text_encoding is not None)
 
 
 def register_pyfunc(uri: str, run_id: str, name: str, tags: dict[str, str], *, python_model, artifacts: dict[str, str],
-                    spec) -> str:
-    """Log `python_model` (with `artifacts`, the tensor signature of `spec`) as run `run_id`'s
+                    signature: ModelSignature) -> str:
+    """Log `python_model` (with `artifacts` and `signature`) as run `run_id`'s
     model, register it as `name` unless that run already is, tag the version and point
     `champion` at it. Returns the version."""
     mlflow_client = client(uri)
@@ -165,7 +207,7 @@ def register_pyfunc(uri: str, run_id: str, name: str, tags: dict[str, str], *, p
         with _quiet(), _using(uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=python_model, artifacts=artifacts,
-                signature=signature_for(spec), registered_model_name=name, await_registration_for=60,
+                signature=signature, registered_model_name=name, await_registration_for=60,
                 pip_requirements=_requirements(),
             )
         version = str(info.registered_model_version)
@@ -205,7 +247,8 @@ def _quiet():
 
 
 def _requirements() -> list[str]:
-    return [f"{package}=={metadata.version(package)}" for package in ("torch", "numpy", "pyyaml", "mlflow")] + ["msa-sweep"]
+    packages = ("torch", "numpy", "pyyaml", "mlflow", "transformers")
+    return [f"{package}=={metadata.version(package)}" for package in packages] + ["msa-sweep"]
 
 
 def load_registered(model_uri: str, tracking_uri: str):
@@ -246,12 +289,16 @@ def predict_splits(model, dataset, splits: list[str], *, what: str) -> dict[str,
     if signature is None:
         raise MsaError(f"{what}: the model has no input signature; it was not registered by msa")
     spec = spec_from_signature(signature)
-    check_inputs(spec, {m: dataset.splits["train"].features[m].shape for m in dataset.modalities}, what=what)
+    raw_text = RAW_TEXT in {tensor.name for tensor in signature.inputs.inputs}
+    if raw_text and any(split.raw_text is None for split in dataset.splits.values()):
+        raise MsaError(f"{what}: the model reads raw text (it has a text encoder) and the data has none")
+    given = [m for m in dataset.modalities if not (raw_text and m == "text")]
+    check_inputs(spec, {m: dataset.splits["train"].features[m].shape for m in given}, what=what)
     if dataset.task != spec.task:
         raise MsaError(f"{what} is a {dataset.task} dataset but the model predicts {spec.task}")
     if spec.task == "classification" and len(dataset.class_names) != spec.num_classes:
         raise MsaError(f"{what} has {len(dataset.class_names)} classes but the model predicts {spec.num_classes}")
     out = {}
     for name in splits:
-        out[name] = np.asarray(model.predict(split_inputs(dataset.splits[name], spec.modalities)))
+        out[name] = np.asarray(model.predict(split_inputs(dataset.splits[name], spec.modalities, raw_text=raw_text)))
     return out

@@ -11,6 +11,9 @@ every ensemble retraining write):
                                   dataset fingerprint, weights file and its SHA-256, and the torch
                                   threads the predictions were computed with
     history.csv                   per epoch: train loss terms, valid metrics, seconds
+    text_encoder/                 with a text encoder only: its config.json and tokenizer files
+                                  (its fine-tuned weights are in model.pt), each file's SHA-256 in
+                                  metrics.json, checked on load like the weights
 
 Rank 0 of a training run writes it (`CheckpointWriter`, in whichever process trains); every
 reader (the registry, the tracking of a finished trial, the sweep summary, the ensembles) goes
@@ -44,6 +47,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 PREDICTED_SPLITS = ("valid", "test")
+TEXT_ENCODER_DIR = "text_encoder"
 
 
 def predictions_file(split: str) -> str:
@@ -126,6 +130,27 @@ class Checkpoint:
                            f"{expected[:16]}...; the checkpoint was modified or corrupted")
         return weights
 
+    @property
+    def text_encoding(self) -> dict[str, Any] | None:
+        """How the model read its text (`TextEncoding`'s fields), or None without a text encoder."""
+        return self.metrics.get("text_encoder")
+
+    def verified_text_encoder(self, what: str) -> Path:
+        """The folder of the encoder's config and tokenizer files, each checked against its SHA-256.
+
+        Raises:
+            MsaError: a file missing or modified.
+        """
+        folder = self.folder / TEXT_ENCODER_DIR
+        for name, expected in self.text_encoding["files"].items():
+            path = folder / name
+            if not path.is_file():
+                raise MsaError(f"{what}: text encoder file {path} is missing")
+            if sha256_path(path) != expected:
+                raise MsaError(f"{what}: SHA-256 of {path} differs from the one {METRICS_FILE} recorded; "
+                               f"the checkpoint was modified or corrupted")
+        return folder
+
     def has_predictions(self, split: str) -> bool:
         return (self.folder / predictions_file(split)).is_file()
 
@@ -186,8 +211,10 @@ class CheckpointWriter:
     atomically (built in a hidden sibling, then swapped in), so the folder always holds one
     complete best epoch, even if the run is stopped or killed later."""
 
-    def __init__(self, out_dir: Path, config, model_config, dataset: FeatureSet):
-        self.out_dir, self.config, self.dataset = out_dir, config, dataset
+    def __init__(self, out_dir: Path, config, model_config, dataset: FeatureSet, *, text_encoder=None):
+        """`text_encoder`: the `EncoderInfo` of the model's encoder, whose config and tokenizer
+        files each published folder keeps."""
+        self.out_dir, self.config, self.dataset, self.text_encoder = out_dir, config, dataset, text_encoder
         spec = dataset.spec
         self.resolved = {
             **to_plain(config),
@@ -215,6 +242,7 @@ class CheckpointWriter:
                 write_predictions(staging / predictions_file(split), self.dataset.splits[split], predictions[split],
                                   self.dataset.class_names)
             _write_history(staging / HISTORY_FILE, history)
+            encoder_record = self._copy_text_encoder(staging)
             metrics = {
                 "model": self.config.model, "dataset": self.dataset.name, "dataset_fingerprint": self.fingerprint,
                 "seed": self.config.seed, "best_epoch": best_epoch,
@@ -225,12 +253,26 @@ class CheckpointWriter:
                 # reproduces the stored predictions bit for bit (Ray gives a 1-CPU trial one).
                 "torch_threads": torch.get_num_threads(),
             }
+            if encoder_record is not None:
+                metrics["text_encoder"] = encoder_record
             (staging / METRICS_FILE).write_text(json.dumps(finite_or_none(metrics), indent=2))
             _swap_in(staging, self.out_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         self.weights_sha256 = sha
+
+    def _copy_text_encoder(self, staging: Path) -> dict[str, Any] | None:
+        """Copy the encoder's config and tokenizer files; their digests and how the text was read."""
+        if self.text_encoder is None:
+            return None
+        folder = staging / TEXT_ENCODER_DIR
+        folder.mkdir()
+        for source in [self.text_encoder.folder / "config.json", *self.text_encoder.tokenizer_files()]:
+            shutil.copyfile(source, folder / source.name)
+        record = to_plain(self.dataset.text_encoding)
+        record["files"] = {path.name: sha256_path(path) for path in sorted(folder.iterdir())}
+        return record
 
     def write_history(self, history: list[dict[str, float]]) -> None:
         """Replace history.csv with the whole run's history (the best epoch may not be the last)."""

@@ -19,6 +19,34 @@ SWEEP_OWNED = ("model", "data", "out", "seed", "epochs", "selection_metric", "ze
 
 
 @dataclass
+class TextEncoderConfig:
+    """A Hugging Face text encoder inside the model, trained with it (`msa.platform.training.text_encoder`).
+
+    Args:
+        path: the encoder: a local Hugging Face model folder, ``pkg:<module>/<folder>`` (a folder
+            inside an installed package), or a model id looked up in the local Hugging Face cache
+            (downloads are off). Empty: no encoder, the data's text features are used.
+        finetune: train the encoder; false freezes all of it (its output is then computed once).
+        freeze_layers: k > 0 freezes the embeddings and the first k layers (0: nothing frozen).
+        lr: the encoder's learning rate (its own parameter group; the model keeps ``lr``).
+        layer_decay: layer i of n gets ``lr * layer_decay ** (n - 1 - i)`` (1: one rate).
+        max_length: tokens per clip.
+        gradient_checkpointing: recompute the encoder's activations in backward (less memory).
+        prefix_cache: compute the frozen prefix's hidden states once per dataset and train only
+            the layers above it (false: run the frozen layers in every step).
+    """
+
+    path: str = ""
+    finetune: bool = True
+    freeze_layers: int = 0
+    lr: float = 5e-5
+    layer_decay: float = 1.0
+    max_length: int = 50
+    gradient_checkpointing: bool = False
+    prefix_cache: bool = True
+
+
+@dataclass
 class TrainConfig:
     """Everything one training run needs; loaded from YAML and ``key=value`` overrides.
 
@@ -39,6 +67,8 @@ class TrainConfig:
         precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
         replace_nonfinite: set NaN/inf features to 0 instead of refusing the data.
         model_config: overrides of the model's own config dataclass.
+        text_encoder: a Hugging Face text encoder trained end to end in place of the text
+            features (`TextEncoderConfig`; off unless ``text_encoder.path`` is set).
         inject_fault: reliability testing only (RELIABILITY.md): ``raise`` makes every rank
             raise, ``kill`` makes the last rank SIGKILL its own process, at the start of epoch
             ``inject_fault_epoch`` of an attempt that did not resume from a checkpoint (so a
@@ -61,6 +91,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     replace_nonfinite: bool = False
     model_config: dict[str, Any] = field(default_factory=dict)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     inject_fault: Literal["none", "raise", "kill"] = "none"
     inject_fault_epoch: int = 2
 
@@ -75,6 +106,15 @@ def resolve_config(config: TrainConfig | dict[str, Any], *, where: str = "train 
             raise MsaError(f"train config: {name} must be >= {low}, got {getattr(config, name)}")
     if config.lr <= 0:
         raise MsaError(f"train config: lr must be > 0, got {config.lr}")
+    encoder = config.text_encoder
+    if encoder.path:
+        for name, low in (("freeze_layers", 0), ("max_length", 2)):
+            if getattr(encoder, name) < low:
+                raise MsaError(f"train config: text_encoder.{name} must be >= {low}, got {getattr(encoder, name)}")
+        if encoder.lr <= 0:
+            raise MsaError(f"train config: text_encoder.lr must be > 0, got {encoder.lr}")
+        if not 0 < encoder.layer_decay <= 1:
+            raise MsaError(f"train config: text_encoder.layer_decay must lie in (0, 1], got {encoder.layer_decay}")
     if not config.data:
         raise MsaError("train config: no data path given (--data PATH or data: in the config)")
     return config

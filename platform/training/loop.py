@@ -2,7 +2,8 @@
 too (in its Tune trial actor when it has one worker, else in each Ray Train worker), and so do
 the ensembles' retrainings.
 
-It builds the model from the registry, wraps it with `deepspeed.initialize` (ZeRO stage and
+It builds the model from the registry (behind a Hugging Face text encoder when the config names
+one, `text_encoder.py`), wraps it with `deepspeed.initialize` (ZeRO stage and
 precision from the config; gloo and fp32 on CPU, NCCL and bf16 on GPU), trains with early
 stopping on a **valid** metric, and keeps the best epoch in a checkpoint folder
 (`checkpoint.py`). Test is predicted only for epochs that improve valid and is never used to
@@ -27,6 +28,7 @@ from msa.platform.core.errors import MsaError
 from msa.platform.core.metrics import DEFAULT_SELECTION_METRIC, SUITE_METRICS, compute_metrics, is_better
 from msa.platform.data.features import FeatureSet
 from msa.platform.data.readers import load_dataset
+from msa.platform.data.text import resolve_encoder
 from msa.platform.training.checkpoint import CheckpointWriter
 from msa.platform.training.config import TrainConfig, resolve_config
 from msa.platform.training.engine import (
@@ -38,6 +40,13 @@ from msa.platform.training.engine import (
     seed_everything,
 )
 from msa.platform.training.predict import SplitTensors, predict, task_loss
+from msa.platform.training.text_encoder import (
+    TextEncoderModel,
+    encoder_inputs,
+    frozen_layers,
+    load_encoder,
+    parameter_groups,
+)
 
 LOOP_STATE_FILE = "loop_state.pt"
 ENGINE_TAG = "state"
@@ -77,9 +86,15 @@ class LoopState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def _has_frozen_parameters(engine) -> bool:
+    """Frozen parameters (a text encoder's frozen layers) are rebuilt from the pretrained weights
+    when a run starts, so a resumable state need not hold them (with MiniLM: most of its size)."""
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 def save_state(directory: Path, engine, state: LoopState, order: torch.Generator) -> None:
     """Write everything a resumed run needs into `directory` (collective: every rank calls it)."""
-    engine.save_checkpoint(str(directory), tag=ENGINE_TAG)
+    engine.save_checkpoint(str(directory), tag=ENGINE_TAG, exclude_frozen_parameters=_has_frozen_parameters(engine))
     if torch.distributed.get_rank() == 0:
         payload = {**dataclasses.asdict(state), "order": order.get_state(), "torch_rng": torch.get_rng_state()}
         torch.save(payload, directory / LOOP_STATE_FILE)
@@ -89,7 +104,7 @@ def load_state(directory: Path, engine, order: torch.Generator) -> LoopState:
     """Restore engine, batch order, RNG and loop state saved by `save_state`."""
     if not (directory / LOOP_STATE_FILE).is_file():
         raise MsaError(f"{directory}: not a resumable training state ({LOOP_STATE_FILE} missing)")
-    engine.load_checkpoint(str(directory), tag=ENGINE_TAG)
+    engine.load_checkpoint(str(directory), tag=ENGINE_TAG, load_module_strict=not _has_frozen_parameters(engine))
     payload = torch.load(directory / LOOP_STATE_FILE, weights_only=True)
     order.set_state(payload.pop("order"))
     torch.set_rng_state(payload.pop("torch_rng"))
@@ -97,15 +112,18 @@ def load_state(directory: Path, engine, order: torch.Generator) -> LoopState:
 
 
 def prepare_run(config: TrainConfig | dict[str, Any], dataset: FeatureSet | None = None) -> tuple[TrainConfig, FeatureSet]:
-    """The validated config (selection metric and precision resolved) and its dataset: every
+    """The validated config (selection metric and precision resolved) and its dataset as the
+    model reads it (with a text encoder: token ids or the frozen prefix's hidden states): every
     check on the inputs, before anything is built or written.
 
     Raises:
-        MsaError: bad config or data, a model that needs more modalities than the data has, or a
-            selection metric the data's suite lacks.
+        MsaError: bad config or data, a model that needs more modalities than the data has, a
+            selection metric the data's suite lacks, or a text encoder that cannot read the data.
     """
     config = resolve_config(config)
     dataset = dataset if dataset is not None else load_dataset(config.data, replace_nonfinite=config.replace_nonfinite)
+    if config.text_encoder.path:
+        dataset, _ = encoder_inputs(dataset, config.text_encoder)
     get_entry(config.model).require_modalities(config.model, dataset.modalities, what=f"dataset {dataset.source or dataset.name}")
     suite = dataset.metric_suite
     selection = config.selection_metric or DEFAULT_SELECTION_METRIC[suite]
@@ -156,7 +174,8 @@ def train_loop(
     state = load_state(Path(resume_from), run.engine, run.order) if resume_from is not None else LoopState()
     if run.rank == 0 and resume_from is None and replace_stale_out and out_dir.exists():
         shutil.rmtree(out_dir)
-    writer = CheckpointWriter(out_dir, config, run.engine.module.config, dataset) if run.rank == 0 else None
+    writer = (CheckpointWriter(out_dir, config, run.engine.module.config, dataset, text_encoder=run.text_encoder)
+              if run.rank == 0 else None)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         if config.inject_fault != "none" and epoch == config.inject_fault_epoch and resume_from is None:
             _inject_fault(config.inject_fault, epoch, run.rank, run.world)
@@ -191,7 +210,13 @@ class _Run:
         self.device = device
         seed_everything(config.seed)
         model = build_model(config.model, dataset.spec, config.model_config)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        encoder = config.text_encoder
+        self.text_encoder = resolve_encoder(encoder.path) if encoder.path else None
+        if self.text_encoder is not None:
+            model = TextEncoderModel(load_encoder(self.text_encoder.folder), model,
+                                     frozen_layers(encoder, self.text_encoder.depth),
+                                     gradient_checkpointing=encoder.gradient_checkpointing)
+        optimizer = torch.optim.AdamW(parameter_groups(model, config.lr, config.weight_decay, encoder))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(config, config.precision)
         )

@@ -23,7 +23,9 @@ class SplitTensors:
             # Arrays from Ray's object store are read-only; these tensors are only ever indexed
             # (a copy), never written, so sharing the memory is safe.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            self.features = {m: torch.as_tensor(a, device=device, dtype=dtype) for m, a in split.features.items()}
+            # Token ids (a text encoder's input) stay integers; features take the run's precision.
+            self.features = {m: torch.as_tensor(a, device=device, dtype=dtype if a.dtype.kind == "f" else torch.long)
+                             for m, a in split.features.items()}
             self.lengths = {m: torch.as_tensor(a, device=device) for m, a in split.lengths.items()}
             self.labels = torch.as_tensor(split.labels, device=device, dtype=label_dtype)
         self.size = len(split)

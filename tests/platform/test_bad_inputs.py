@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_encoder import write_tiny_bert
 
 from msa.platform.cli import main
 from msa.platform.data.readers import write_mmsa_pickle, write_npz
@@ -66,8 +67,59 @@ def keyless_pickle(folder: Path) -> str:
     return "keys.pkl"
 
 
+def tiny_bert(folder: Path) -> str:
+    write_tiny_bert(folder / "bert")
+    return "bert"
+
+
+def encoder_train(folder: Path, data: str, encoder: str, *settings: str) -> list[str]:
+    """`msa train` of the baseline on `data` with the text encoder at `encoder`."""
+    return ["train", "--model", "baseline", "--data", data, "--out", "run", f"text_encoder.path={encoder}", *settings]
+
+
+def encoder_sweep(folder: Path, space: str) -> list[str]:
+    """`msa sweep` of the baseline with the tiny encoder and `space` as its search space."""
+    write(folder, "space.yaml", space)
+    train = f"train: {{text_encoder: {{path: {tiny_bert(folder)}}}}}\n"
+    return ["sweep", write(folder, "s.yaml", SWEEP + train + "search: {spaces: {baseline: space.yaml}}\n")]
+
+
+def no_text_pkl(folder: Path) -> str:
+    dataset = synthesize("regression", seed=1, sizes=SIZES)
+    for split in dataset.splits.values():
+        split.raw_text = None
+    write_mmsa_pickle(dataset, folder / "no_text.pkl")
+    return "no_text.pkl"
+
+
+def bert_ids_only_pkl(folder: Path) -> str:
+    """An MMSA pickle whose only text is text_bert ids (bert-base-uncased's, as MMSA ships them)."""
+    dataset = synthesize("regression", seed=1, sizes=SIZES)
+    for split in dataset.splits.values():
+        ids = np.zeros((len(split), 3, 6), dtype=np.int64)
+        ids[:, 0, :3], ids[:, 1, :3] = [101, 1996, 102], 1
+        split.raw_text, split.text_bert = None, ids
+    write_mmsa_pickle(dataset, folder / "bert_ids.pkl")
+    return "bert_ids.pkl"
+
+
 # (id, build(folder) -> argv, the message must match this)
 CASES = [
+    # text encoders
+    ("encoder-missing-folder", lambda f: encoder_train(f, data_pkl(f), "./models/bert"), r"no such folder models/bert"),
+    ("encoder-not-in-cache", lambda f: encoder_train(f, data_pkl(f), "nobody/no-such-model"),
+     r"no model 'nobody/no-such-model' in the local Hugging Face cache .*downloads are off"),
+    ("encoder-not-a-model-folder", lambda f: encoder_train(f, data_pkl(f), write(f, "notes", "x") and "."),
+     r"is not a Hugging Face model folder \(no config\.json\)"),
+    ("encoder-no-raw-text", lambda f: encoder_train(f, no_text_pkl(f), tiny_bert(f)), r"no_text\.pkl: a text encoder needs"),
+    ("encoder-ids-do-not-match", lambda f: encoder_train(f, bert_ids_only_pkl(f), tiny_bert(f)),
+     r"text_bert ids .*do(es)? not match"),
+    ("encoder-freeze-beyond-depth", lambda f: encoder_train(f, data_pkl(f), tiny_bert(f), "text_encoder.freeze_layers=3"),
+     r"freeze_layers is 3 but the encoder .* has 2 layers"),
+    ("encoder-freeze-beyond-depth-searched", lambda f: encoder_sweep(f, "text_encoder.freeze_layers: {type: int, low: 0, high: 4}\n"),
+     r"space\.yaml: text_encoder\.freeze_layers is 4 but the encoder .* has 2 layers"),
+    ("encoder-path-searched", lambda f: space_sweep(f, "text_encoder.max_length: {type: categorical, choices: [8, 16]}\n"),
+     r"text_encoder\.max_length decides the token ids"),
     # sweep config YAML
     ("config-missing", lambda f: ["sweep", "nope.yaml"], r"config file not found: nope\.yaml"),
     ("config-malformed", lambda f: ["sweep", write(f, "s.yaml", SWEEP + "budget: {max_epochs: [3\n")],

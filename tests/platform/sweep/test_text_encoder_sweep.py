@@ -1,0 +1,99 @@
+"""Sweeps with a text encoder, on real Ray, Optuna, DeepSpeed and MLflow with the tiny BERT: the
+search space varies the encoder's learning rate and frozen layers, trials read the driver's
+token ids and frozen prefixes, the study's best is registered and serves raw text; and a
+two-worker ZeRO-2 trial trains the encoder in the DeepSpeed engine."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+import yaml
+
+from msa.platform.cli import main
+from msa.platform.data.readers import write_npz
+from msa.platform.data.synth import synthesize
+from msa.platform.sweep.config import load_sweep_config
+from msa.platform.sweep.driver import run_sweep
+from msa.platform.tracking.registry import load_registered
+from msa.platform.tracking.server import MlflowServer
+from msa.platform.training.checkpoint import Checkpoint
+from msa.platform.training.text_encoder import load_encoder
+
+SIZES = {"train": 64, "valid": 24, "test": 24}
+
+
+def write_sweep(tmp_path: Path, encoder: Path, **sections) -> Path:
+    data = tmp_path / "synth_regression.npz"
+    write_npz(synthesize("regression", seed=0, sizes=SIZES), data)
+    config = {"name": "te", "storage": str(tmp_path / "sweeps"), "datasets": [str(data)], "models": ["baseline"],
+              "train": {"patience": 5, "batch_size": 16, "text_encoder": {"path": str(encoder), "max_length": 12}},
+              **sections}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_sweep_searches_the_encoders_learning_rate_and_frozen_layers_and_serves_raw_text(
+        ray_runtime, tmp_path, tiny_bert, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "lr": {"type": "log_float", "low": 1e-3, "high": 1e-2},
+        "text_encoder.lr": {"type": "log_float", "low": 1e-4, "high": 1e-3},
+        "text_encoder.freeze_layers": {"type": "int", "low": 0, "high": 2},
+    }))
+    config = load_sweep_config(write_sweep(
+        tmp_path, tiny_bert, budget={"trials_per_pair": 4, "max_epochs": 2},
+        search={"sampler": "random", "seed": 1, "scheduler": "none", "spaces": {"baseline": str(space)}},
+        resources={"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
+    ))
+    result = run_sweep(config)
+    (pair,) = result.pairs
+    assert pair.complete == 4
+    study = optuna.load_study(study_name=pair.pair, storage=result.run_dir.study_url(pair.pair))
+    depths = set()
+    for trial in study.trials:
+        checkpoint = Checkpoint(result.run_dir.trial(pair.pair, trial.user_attrs["ray_trial_id"]))
+        encoder = checkpoint.config["text_encoder"]
+        assert encoder["lr"] == trial.params["text_encoder/lr"] and encoder["path"] == str(tiny_bert)
+        assert encoder["freeze_layers"] == trial.params["text_encoder/freeze_layers"]
+        # the driver's prefix of that depth, not the ids, when layers are frozen
+        assert checkpoint.text_encoding["prefix_layers"] == encoder["freeze_layers"]
+        depths.add(encoder["freeze_layers"])
+    assert len(depths) > 1, "the random sampler drew one depth only; pick another seed"
+
+    best = Checkpoint(pair.best_checkpoint)
+    champion = f"models:/msa-{pair.pair}@champion"
+    out = tmp_path / "predictions.csv"
+    capsys.readouterr()
+    assert main(["predict", "--model", champion, "--data", str(tmp_path / "synth_regression.npz"),
+                 "--split", "test", "--out", str(out), "--run-dir", str(result.run_dir.root)]) == 0
+    with out.open(newline="") as handle:
+        served = [float(row["prediction"]) for row in csv.DictReader(handle)]
+    np.testing.assert_array_equal(served, best.predictions("test").values)  # from raw text, bit for bit
+    with MlflowServer(result.run_dir.root) as server:
+        signature = load_registered(champion, server.uri).metadata.signature
+    names = [tensor.name for tensor in signature.inputs.inputs]
+    assert "raw_text" in names and "text" not in names and "audio" in names
+
+
+def test_a_two_worker_zero2_trial_trains_the_encoder_inside_the_deepspeed_engine(ray_runtime, tmp_path, tiny_bert):
+    config = load_sweep_config(write_sweep(
+        tmp_path, tiny_bert, budget={"trials_per_pair": 1, "max_epochs": 2},
+        search={"sampler": "random", "seed": 0, "scheduler": "none"},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 1},
+        deepspeed={"zero_stage": 2},
+    ))
+    result = run_sweep(config)
+    (pair,) = result.pairs
+    assert pair.complete == 1
+    checkpoint = Checkpoint(pair.best_checkpoint)
+    assert checkpoint.config["zero_stage"] == 2 and checkpoint.config["text_encoder"]["freeze_layers"] == 0
+    weights = torch.load(checkpoint.verified_weights("test"), weights_only=True)
+    pretrained = load_encoder(tiny_bert).state_dict()
+    assert not torch.equal(weights["encoder.encoder.layer.0.attention.self.query.weight"],
+                           pretrained["encoder.layer.0.attention.self.query.weight"])  # fine-tuned across 2 ranks
+    # ZeRO-2 partitions the optimizer state, encoder included, over the two ranks
+    assert list((result.run_dir.root / "train").rglob("zero_pp_rank_1_*optim_states.pt"))
