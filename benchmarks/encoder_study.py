@@ -11,9 +11,11 @@ same sweep on frozen text features, their stacked ensemble, and the frozen-prefi
    paired bootstrap 95% interval of encoder minus frozen test MAE.
 3. `build_ensembles` (cross-fitted stacking) on the encoder sweep: the valid-chosen ensemble.
 
-Test is scored once per row and chooses nothing. Prints one JSON object.
+Test is scored once per row and chooses nothing. Prints one JSON object. ``--frozen-run`` reuses
+an earlier run's frozen-feature sweep (same budget) to try another encoder search range, and
+``--cache-depths`` with no value skips step 1.
 
-    .venv/bin/python benchmarks/encoder_study.py --data ../shared/data/mosi_lite.npz
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/encoder_study.py --data ../shared/data/mosi_lite.npz
 """
 from __future__ import annotations
 

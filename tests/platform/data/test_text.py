@@ -12,6 +12,8 @@ from msa.platform.core.errors import MsaError
 from msa.platform.data.readers import load_dataset, write_mmsa_pickle, write_npz
 from msa.platform.data.synth import SENTIMENT_BANDS, synthesize
 from msa.platform.data.text import load_tokenizer, resolve_encoder, tokenize
+from msa.platform.training.checkpoint import Checkpoint
+from msa.platform.training.loop import train_loop
 
 SIZES = {"train": 40, "valid": 16, "test": 16}
 
@@ -91,7 +93,8 @@ def test_text_bert_ids_another_tokenizer_cannot_read_give_way_to_raw_text_or_an_
 
 
 def test_mintrec_text_from_its_tsv_becomes_the_text_modality(tiny_bert, tmp_path):
-    """A MIntRec folder without text features: its transcripts give the text modality."""
+    """A MIntRec folder without text features: its transcripts give the text modality, and a
+    model trains on it."""
     rng = np.random.default_rng(0)
     features = {}
     for split_file, count in (("train.tsv", 12), ("dev.tsv", 6), ("test.tsv", 6)):
@@ -108,6 +111,9 @@ def test_mintrec_text_from_its_tsv_becomes_the_text_modality(tiny_bert, tmp_path
     assert tokens.modalities == ("text", "audio")
     tokenizer = load_tokenizer(tiny_bert)
     assert tokenizer.decode(tokens.splits["valid"].features["text"][0], skip_special_tokens=True) == "the food was great"
+    result = train_loop({"model": "baseline", "data": str(tmp_path), "out": str(tmp_path / "run"), "epochs": 1,
+                         "text_encoder": {"path": str(tiny_bert), "max_length": 8}})
+    assert Checkpoint(result.out_dir).spec.modalities == ("text", "audio") and "acc" in result.test_metrics
 
 
 def test_data_without_text_is_refused(tiny_bert):
