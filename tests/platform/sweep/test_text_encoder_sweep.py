@@ -5,14 +5,17 @@ two-worker ZeRO-2 trial trains the encoder in the DeepSpeed engine."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import optuna
+import pytest
 import torch
 import yaml
 
 from msa.platform.cli import main
+from msa.platform.core.metrics import compute_metrics
 from msa.platform.data.readers import write_npz
 from msa.platform.data.synth import synthesize
 from msa.platform.sweep.config import load_sweep_config
@@ -36,8 +39,10 @@ def write_sweep(tmp_path: Path, encoder: Path, **sections) -> Path:
     return path
 
 
-def test_a_sweep_searches_the_encoders_learning_rate_and_frozen_layers_and_serves_raw_text(
-        ray_runtime, tmp_path, tiny_bert, capsys):
+@pytest.fixture(scope="module")
+def encoder_sweep(ray_runtime, tmp_path_factory, tiny_bert):
+    """4 random trials of the baseline whose search space varies the encoder's lr and depth."""
+    tmp_path = tmp_path_factory.mktemp("encoder-sweep")
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
         "lr": {"type": "log_float", "low": 1e-3, "high": 1e-2},
@@ -49,7 +54,12 @@ def test_a_sweep_searches_the_encoders_learning_rate_and_frozen_layers_and_serve
         search={"sampler": "random", "seed": 1, "scheduler": "none", "spaces": {"baseline": str(space)}},
         resources={"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
     ))
-    result = run_sweep(config)
+    return run_sweep(config), tmp_path
+
+
+def test_a_sweep_searches_the_encoders_learning_rate_and_frozen_layers_and_serves_raw_text(
+        encoder_sweep, tiny_bert, tmp_path, capsys):
+    result, data_dir = encoder_sweep
     (pair,) = result.pairs
     assert pair.complete == 4
     study = optuna.load_study(study_name=pair.pair, storage=result.run_dir.study_url(pair.pair))
@@ -68,7 +78,7 @@ def test_a_sweep_searches_the_encoders_learning_rate_and_frozen_layers_and_serve
     champion = f"models:/msa-{pair.pair}@champion"
     out = tmp_path / "predictions.csv"
     capsys.readouterr()
-    assert main(["predict", "--model", champion, "--data", str(tmp_path / "synth_regression.npz"),
+    assert main(["predict", "--model", champion, "--data", str(data_dir / "synth_regression.npz"),
                  "--split", "test", "--out", str(out), "--run-dir", str(result.run_dir.root)]) == 0
     with out.open(newline="") as handle:
         served = [float(row["prediction"]) for row in csv.DictReader(handle)]
@@ -97,3 +107,20 @@ def test_a_two_worker_zero2_trial_trains_the_encoder_inside_the_deepspeed_engine
                            pretrained["encoder.layer.0.attention.self.query.weight"])  # fine-tuned across 2 ranks
     # ZeRO-2 partitions the optimizer state, encoder included, over the two ranks
     assert list((result.run_dir.root / "train").rglob("zero_pp_rank_1_*optim_states.pt"))
+
+
+def test_the_registered_ensemble_of_encoder_models_serves_raw_text(encoder_sweep, tmp_path, capsys):
+    result, data_dir = encoder_sweep
+    run_dir = result.run_dir.root
+    assert main(["ensemble", str(run_dir), "--top-k", "3", "--seeds", "2", "--folds", "3", "--bootstrap", "200"]) == 0
+    board = json.loads((run_dir / "ensembles" / "leaderboard.json").read_text())
+    (entry,) = board["datasets"]
+    registered = next(r for r in entry["rows"] if r.get("registered"))
+    out = tmp_path / "ensemble.csv"
+    assert main(["predict", "--model", "models:/msa-ensemble-synth_regression@champion", "--run-dir", str(run_dir),
+                 "--data", str(data_dir / "synth_regression.npz"), "--split", "test", "--out", str(out)]) == 0
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    served = np.asarray([float(r["prediction"]) for r in rows])
+    truth = np.asarray([float(r["label"]) for r in rows])
+    assert compute_metrics("mosi", served, truth) == pytest.approx(registered["test"])
