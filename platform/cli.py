@@ -170,5 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console() -> None:
+    """The `msa` command: `main`, and after Ctrl-C an exit that skips the interpreter's
+    finalization. A Ctrl-C landing while Ray starts or forks can leave Ray's threads in a state
+    that crashes finalization (SIGSEGV instead of status 130, seen in CI); by then `main` has
+    stopped everything msa started (the MLflow server, the Ray runtime)."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
