@@ -33,6 +33,8 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from msa.platform.core.run_dir import RunDir
+
 NAN_LR = 1e30
 
 
@@ -53,9 +55,9 @@ def write_inputs(folder: Path, trials: int, epochs: int, seed: int, concurrent: 
     return config
 
 
-def failures(run_dir: Path, pair: str, trial_id: str) -> list[str]:
+def failures(run_dir: Path, trial_id: str) -> list[str]:
     """The reason of each failed attempt, as Ray recorded it."""
-    error_file = run_dir / "ray" / pair / trial_id / "error.txt"
+    error_file = RunDir(run_dir).tune_experiment / trial_id / "error.txt"
     if not error_file.is_file():
         return []
     blocks = error_file.read_text(errors="replace").split("Failure # ")[1:]
@@ -82,7 +84,7 @@ def audit(run_dir: Path, trials: int, epochs: int) -> dict:
             trial_id = trial.user_attrs.get("ray_trial_id", "")
             fault, nan = trial.params.get("inject_fault"), trial.params.get("lr") == NAN_LR
             by_fault[f"{fault}{' + NaN lr' if nan else ''}"] += 1
-            attempts = failures(run_dir, pair, trial_id)
+            attempts = failures(run_dir, trial_id)
             run = runs.get(trial_id)
 
             def lose(why: str) -> None:

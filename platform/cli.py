@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     def address_option(command: argparse.ArgumentParser) -> None:
         command.add_argument("--address", help="join a running Ray cluster: auto, HOST:PORT or ray://HOST:10001 "
                                                  "(default: $RAY_ADDRESS, else a private runtime on this machine)")
+        command.add_argument("-v", "--verbose", action="count", default=0,
+                             help="-v: Ray's trial table and the trials' own output too; -vv: every trial result")
 
     sweep = commands.add_parser("sweep", help="run (or resume) a sweep: one Optuna study per model x dataset")
     sweep.add_argument("config", nargs="?", help="sweep YAML (see sweeps/demo.yaml)")

@@ -137,12 +137,12 @@ def sweep(args: argparse.Namespace) -> None:
             config_path, overrides = None, [config_path, *overrides]
         config = resume_config(run_dir, config_path, overrides)
         ensemble_config(config.ensemble, where=str(RunDir(run_dir).config_file))
-        result = run_sweep(config, resume_dir=run_dir, address=args.address)
+        result = run_sweep(config, resume_dir=run_dir, address=args.address, verbose=args.verbose)
     else:
         if not args.config:
             raise MsaError("msa sweep: give a sweep config (e.g. sweeps/demo.yaml) or --resume RUN_DIR")
         config, _ = load_job_config(args.config, args.overrides)
-        result = run_sweep(config, address=args.address)
+        result = run_sweep(config, address=args.address, verbose=args.verbose)
     print("\n" + result.table())
 
 
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> None:
     and, with ``--export DIR``, into DIR too)."""
     config, options = load_job_config(args.config, args.overrides)
     export = Path(args.export).resolve() if args.export else None
-    with SweepSession(config, address=args.address) as session:
+    with SweepSession(config, address=args.address, verbose=args.verbose) as session:
         result = session.run()
         print("\n" + result.table())
         if export is not None:

@@ -21,6 +21,13 @@ def ray_train_session_dir() -> Path:
     return Path(_get_ray_train_session_dir())
 
 
+def ray_logs_dir() -> Path:
+    """The log folder of the Ray session this process started (every Ray process's output)."""
+    from ray._private.worker import _global_node
+
+    return Path(_global_node.get_logs_dir_path())
+
+
 def restored_run_config(tuner):
     """The RunConfig a `Tuner.restore`d tuner will run with (Tuner.restore takes no callbacks,
     so the restored run config is edited in place)."""

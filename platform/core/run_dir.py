@@ -8,7 +8,7 @@ Ray Train workers write their pair's checkpoints into it (on a cluster it is sha
     layout.json                 which layout (and msa-sweep version) made the folder
     data/<dataset>.pkl          built-in datasets, generated once
     optuna/<pair>.db            one Optuna study per pair (SQLite; the study is named <pair>)
-    ray/<pair>/                 Tune's experiment state (what `--resume` restores)
+    ray/sweep/                  Tune's experiment state, one for every pair (what `--resume` restores)
     train/<pair>/               Ray Train's per-trial storage (multi-worker trials)
     trials/<pair>/<trial id>/   each trial's best-epoch checkpoint folder (`training.checkpoint`)
     mlflow/mlflow.db, mlflow/artifacts/, mlflow/server.log   the sweep's own MLflow store
@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The run-directory layout this code writes and resumes. Layout 1 (msa-sweep 0.1.0) had the
-# same paths but Tune state that pickled the pre-layer module paths (msa.platform.sweep).
-LAYOUT = 2
+# same paths but Tune state that pickled the pre-layer module paths (msa.platform.sweep);
+# layout 2 had one Tune experiment per pair (``ray/<pair>/``), run one after another.
+LAYOUT = 3
 LAYOUT_FILE = "layout.json"
 
 
@@ -66,6 +67,13 @@ class RunDir:
         except (OSError, ValueError, KeyError, TypeError):
             return 1
 
+    def layout_version(self) -> str:
+        """The msa-sweep version that made this folder, as its layout file records it."""
+        try:
+            return str(json.loads(self.layout_file.read_text())["msa_sweep"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "0.1.0"
+
     def write_layout(self, version: str) -> None:
         self.layout_file.write_text(json.dumps({"layout": LAYOUT, "msa_sweep": version}) + "\n")
 
@@ -90,8 +98,9 @@ class RunDir:
     def ray_dir(self) -> Path:
         return self.root / "ray"
 
-    def tune_experiment(self, pair: str) -> Path:
-        return self.ray_dir / pair
+    @property
+    def tune_experiment(self) -> Path:
+        return self.ray_dir / "sweep"
 
     def train_storage(self, pair: str) -> Path:
         return self.root / "train" / pair

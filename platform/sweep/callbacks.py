@@ -1,13 +1,25 @@
-"""Tune callbacks of a sweep (they run in the driver, inside Tune's controller): the progress
-line per finished trial, and the closing of each trial's MLflow run however the trial ended."""
+"""Tune callbacks of a sweep (they run in the driver, inside Tune's controller): the console a
+person follows, the closing of each trial's MLflow run however the trial ended, and the
+detection of a study that has finished while other studies still run."""
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
 from ray import tune
+from ray.tune.experiment import Trial
 
 from msa.platform.core.metrics import is_better
 from msa.platform.core.run_dir import RunDir
+from msa.platform.sweep.schedule import OUT_OF_TIME_ATTR, PAIR_KEY
+from msa.platform.sweep.trial import without_pair
 from msa.platform.tracking.client import FAIL_REASON_TAG, STATE_TAG, client
 from msa.platform.tracking.runs import TrialTracking, failure_reason, log_trial_outcome, open_trial_run
+
+LIVE = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
 
 
 def trial_outcome(trial) -> str:
@@ -16,34 +28,74 @@ def trial_outcome(trial) -> str:
     return "complete" if (trial.last_result or {}).get("final") else "pruned"
 
 
-class PairProgress(tune.Callback):
-    """Prints, per pair, trials done out of the budget and the best valid metric so far."""
+@dataclass(frozen=True)
+class PairPlan:
+    """What the console and the study watcher know of a pair before it runs."""
 
-    def __init__(self, pair: str, total: int, metric: str):
-        self.pair, self.total, self.metric = pair, total, metric
-        self.done, self.best = 0, None
+    budget: int  # trials_per_pair
+    metric: str  # the selection metric, e.g. ``mae``
+
+
+class SweepConsole(tune.Callback):
+    """What a sweep prints while it runs (Ray's own trial table is off unless asked for): one
+    line per trial event (finished, pruned, failed, retried) and, every `every_s` seconds when
+    something happened, one status line per pair."""
+
+    def __init__(self, plans: dict[str, PairPlan], every_s: float = 30.0):
+        self.plans, self.every_s = plans, every_s
+        self.changed, self.last_status = True, 0.0
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._count(trial, "complete" if trial_outcome(trial) == "complete" else "stopped early")
+        pair, result = trial.config[PAIR_KEY], trial.last_result or {}
+        metric = self.plans[pair].metric
+        value = result.get(f"best_valid_{metric}")
+        how = "complete" if trial_outcome(trial) == "complete" else "pruned"
+        score = "no valid score" if value is None else f"best valid {metric} {value:.4g}"
+        self._event(pair, f"trial {trial.trial_id} {how} at epoch {result.get('epoch', 0):g}: {score}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self._event(trial.config[PAIR_KEY], f"trial {trial.trial_id} failed ({failure_reason(trial.error_file)}); "
+                                            f"retrying from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._count(trial, "failed")
+        self._event(trial.config[PAIR_KEY], f"trial {trial.trial_id} failed after its retries: "
+                                            f"{failure_reason(trial.error_file)}")
 
-    def _count(self, trial, how: str) -> None:
-        self.done += 1
-        value = (trial.last_result or {}).get(f"best_valid_{self.metric}")
-        if value is not None and is_better(self.metric, value, self.best):
-            self.best = value
-        best = "-" if self.best is None else f"{self.best:.4g}"
-        print(f"[{self.pair}] {self.done}/{self.total} trials finished ({trial.trial_id} {how}); "
-              f"best valid {self.metric} so far: {best}", flush=True)
+    def _event(self, pair: str, text: str) -> None:
+        self.changed = True
+        print(f"[{pair}] {text}", flush=True)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if self.changed and time.monotonic() - self.last_status >= self.every_s:
+            self.changed, self.last_status = False, time.monotonic()
+            print("\n".join(self.status_lines(trials)), flush=True)
+
+    def status_lines(self, trials: list) -> list[str]:
+        """One line per pair: trials done out of the budget, running, pruned, failed, best so far."""
+        lines = []
+        width = max(len(pair) for pair in self.plans)
+        for pair, plan in self.plans.items():
+            mine = [t for t in trials if t.config.get(PAIR_KEY) == pair]
+            ended = [t for t in mine if t.status == Trial.TERMINATED]
+            pruned = sum(trial_outcome(t) == "pruned" for t in ended)
+            failed = sum(t.status == Trial.ERROR for t in mine)
+            running = sum(t.status == Trial.RUNNING for t in mine)
+            best = None
+            for t in mine:
+                value = (t.last_result or {}).get(f"best_valid_{plan.metric}")
+                if value is not None and is_better(plan.metric, value, best):
+                    best = value
+            best_text = "-" if best is None else f"{best:.4g}"
+            lines.append(f"[{pair:<{width}}] {len(ended) + failed}/{plan.budget} done ({pruned} pruned, {failed} failed), "
+                         f"{running} running; best valid {plan.metric} {best_text}")
+        return lines
 
 
 class TrialRunCloser(tune.Callback):
     """When Tune ends a trial, log its outcome to the trial's run (`tracking.runs`) and close it."""
 
-    def __init__(self, tracking: TrialTracking, run_dir: RunDir):
-        self.tracking, self.run_dir = tracking, run_dir
+    def __init__(self, trackings: dict[str, TrialTracking], run_dir: RunDir):
+        self.trackings, self.run_dir = trackings, run_dir
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._close(trial, trial_outcome(trial))
@@ -52,9 +104,10 @@ class TrialRunCloser(tune.Callback):
         self._close(trial, "failed")
 
     def _close(self, trial, state: str) -> None:
-        mlflow_client = client(self.tracking.uri)
-        folder = self.run_dir.trial(self.tracking.pair, trial.trial_id)
-        run_id = open_trial_run(self.tracking, trial.trial_id, {**trial.config, "out": str(folder)})  # a trial that failed before opening it
+        tracking = self.trackings[trial.config[PAIR_KEY]]
+        mlflow_client = client(tracking.uri)
+        folder = self.run_dir.trial(tracking.pair, trial.trial_id)
+        run_id = open_trial_run(tracking, trial.trial_id, {**without_pair(trial.config), "out": str(folder)})  # a trial that failed before opening it
         closed_as = mlflow_client.get_run(run_id).data.tags.get(STATE_TAG)
         if closed_as is not None:  # closed before a driver was killed; Tune ran it again from its last checkpoint
             mlflow_client.set_terminated(run_id, status="FAILED" if closed_as == "failed" else "FINISHED")
@@ -62,3 +115,50 @@ class TrialRunCloser(tune.Callback):
         if state == "failed":
             mlflow_client.set_tag(run_id, FAIL_REASON_TAG, failure_reason(trial.error_file))
         log_trial_outcome(mlflow_client, run_id, folder, state)
+
+
+def study_is_done(study: optuna.Study, budget: int) -> bool:
+    """Every trial the study will get has finished: it holds its budget (or ran out of time)
+    and none is still running."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        return False
+    return len(trials) >= budget or bool(study.user_attrs.get(OUT_OF_TIME_ATTR))
+
+
+class StudyWatcher(tune.Callback):
+    """Calls `on_done(pair)` once per pair, as soon as its study is done and Tune runs none of
+    its trials, while the other pairs go on. `on_done` is the driver's (it closes and registers
+    the study); a restored Tune run gets a new watcher, so the saved one keeps only its plans."""
+
+    def __init__(self, plans: dict[str, PairPlan], run_dir: RunDir, on_done: Callable[[str], None],
+                 closed: set[str], every_s: float = 2.0):
+        self.plans, self.run_dir, self.on_done, self.every_s = plans, run_dir, on_done, every_s
+        self.open = [pair for pair in plans if pair not in closed]
+        self.last_check = 0.0
+
+    def __getstate__(self) -> dict:
+        return {"plans": self.plans, "run_dir": self.run_dir}
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._check(trials, [trial.config[PAIR_KEY]], ending=trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._check(trials, [trial.config[PAIR_KEY]], ending=trial)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        # A study can also end without a trial ending: its time budget ran out between trials.
+        if time.monotonic() - self.last_check >= self.every_s:
+            self.last_check = time.monotonic()
+            self._check(trials, list(self.open))
+
+    def _check(self, trials: list, pairs: list[str], ending=None) -> None:
+        """`ending`: the trial Tune is ending now (its status changes after the callbacks)."""
+        for pair in pairs:
+            if pair not in self.open or any(t.config.get(PAIR_KEY) == pair and t.status in LIVE and t is not ending
+                                            for t in trials):
+                continue
+            study = optuna.load_study(study_name=pair, storage=self.run_dir.study_url(pair))
+            if study_is_done(study, self.plans[pair].budget):
+                self.open.remove(pair)
+                self.on_done(pair)

@@ -13,6 +13,7 @@ remote Ray tasks on the node they ask about.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -73,8 +74,10 @@ class TrialShape:
         return {**(self.per_worker if self.inline else {"CPU": 0}), TRIAL_SLOT: 1}
 
 
-def connect(address: str | None, local_trial_slots: int) -> str | None:
+def connect(address: str | None, local_trial_slots: int, *, log_to_driver: bool = True) -> str | None:
     """Start a private runtime on this machine, or join the cluster at `address` (or RAY_ADDRESS).
+    `log_to_driver`: whether trial processes' output is printed by the driver too (it is always
+    in the session's log folder, `msa.platform.core.compat.ray_logs_dir`).
 
     Returns the address joined (None: a private runtime).
 
@@ -88,6 +91,8 @@ def connect(address: str | None, local_trial_slots: int) -> str | None:
             # The dashboard's State API must run: without it Train V2 leaks the placement group of
             # every trial that ASHA stops, and later trials wait forever (Ray 2.60). Loopback only.
             dashboard_host="127.0.0.1",
+            log_to_driver=log_to_driver,
+            logging_level=logging.INFO if log_to_driver else logging.WARNING,
         )
         return None
     _require_listener(address)
@@ -96,7 +101,7 @@ def connect(address: str | None, local_trial_slots: int) -> str | None:
     # miss Ray's 30 s deadline for it ("Initialization failure from server"): one more try.
     for _ in range(2 if address.startswith("ray://") else 1):
         try:
-            ray.init(address=address, logging_level="WARNING")
+            ray.init(address=address, logging_level="WARNING", log_to_driver=log_to_driver)
             return address
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -30,7 +30,9 @@ class BudgetConfig:
     Args:
         trials_per_pair: Optuna trials per pair.
         max_epochs: epochs a trial may run (ASHA's max_t).
-        time_budget_s: optional wall-clock cap per pair; trials still running are stopped.
+        time_budget_s: optional wall-clock budget per pair, counted from its first trial in this
+            driver (a resumed sweep counts again): no trial of the pair starts after it, and the
+            ones running finish (as Optuna's ``timeout`` does). The study records that it ran out.
     """
 
     trials_per_pair: int = 8
@@ -70,7 +72,13 @@ class ResourcesConfig:
     Args:
         workers_per_trial: DeepSpeed data-parallel ranks per trial (Ray Train workers).
         cpus_per_worker, gpus_per_worker: each rank's share of a node.
-        max_concurrent_trials: trials running at once.
+        max_concurrent_trials: trials running at once, all pairs together.
+        max_trials_per_pair: optional cap on one pair's trials running at once.
+        schedule: ``concurrent``: every pair's study runs on the shared slots at once; a free
+            slot goes to the first pair (in the order of ``models`` x ``datasets``) that has
+            trials left and is under its cap, so the first studies finish as early as they
+            would alone and the slots they leave idle go to the next. ``sequential``: one study
+            after another (a study's last trials run alone, the next waits).
         max_failures: retries of a failed trial (from its last checkpoint) before it counts as failed.
         inline_single_worker: run a one-worker trial's DeepSpeed loop inside the Tune trial actor
             (a one-rank process group) instead of a Ray Train controller plus one worker actor:
@@ -87,6 +95,8 @@ class ResourcesConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_concurrent_trials: int = 1
+    max_trials_per_pair: int | None = None
+    schedule: Literal["concurrent", "sequential"] = "concurrent"
     max_failures: int = 1
     inline_single_worker: bool = True
     worker_resources: dict[str, float] = field(default_factory=dict)
@@ -177,6 +187,8 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
     ):
         if value < low:
             raise MsaError(f"{where}: {label} must be >= {low}, got {value}")
+    if resources.max_trials_per_pair is not None and resources.max_trials_per_pair < 1:
+        raise MsaError(f"{where}: resources.max_trials_per_pair must be >= 1 (or null), got {resources.max_trials_per_pair}")
     if resources.cpus_per_worker <= 0 or resources.gpus_per_worker < 0:
         raise MsaError(f"{where}: resources need cpus_per_worker > 0 and gpus_per_worker >= 0")
     for name, amount in resources.worker_resources.items():

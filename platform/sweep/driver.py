@@ -10,8 +10,11 @@ registered when the study ends. The run directory's layout is `msa.platform.core
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -19,11 +22,10 @@ import optuna
 import ray
 import yaml
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from msa.models.registry import get_entry
-from msa.platform.core.compat import restored_run_config
+from msa.platform.core.compat import ray_logs_dir, restored_run_config
 from msa.platform.core.config import to_plain
 from msa.platform.core.errors import MsaError
 from msa.platform.core.files import sha256_path
@@ -33,7 +35,7 @@ from msa.platform.data.features import FeatureSet
 from msa.platform.data.readers import load_dataset, write_mmsa_pickle
 from msa.platform.data.synth import synthesize
 from msa.platform.data.text import absolute_encoder_path
-from msa.platform.sweep.callbacks import PairProgress, TrialRunCloser
+from msa.platform.sweep.callbacks import PairPlan, StudyWatcher, SweepConsole, TrialRunCloser, study_is_done
 from msa.platform.sweep.cluster import (
     check_address_format,
     check_shared_storage,
@@ -43,6 +45,7 @@ from msa.platform.sweep.cluster import (
     trial_shape,
 )
 from msa.platform.sweep.config import BUILTIN_DATASETS, SweepConfig
+from msa.platform.sweep.schedule import MatrixSearch, PairScheduler, pair_scheduler
 from msa.platform.sweep.search_space import SearchSpace, load_search_space
 from msa.platform.sweep.searcher import PruningAwareOptunaSearch, trial_dirname
 from msa.platform.sweep.summary import PairSummary, SweepResult, summarize_study
@@ -59,14 +62,18 @@ class SweepInterrupted(MsaError):
     exit_code = 130
 
 
-def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: str | None = None) -> SweepResult:
+def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: str | None = None,
+              verbose: int = 0) -> SweepResult:
     """Run (or resume) a sweep; its summary is also written to the run directory.
+
+    `verbose` 1 adds Ray's trial table and the trials' own output to the console, 2 every
+    trial result too.
 
     Raises:
         MsaError: invalid config, data or metric, or resources no node could ever give (before
             anything is written); `SweepInterrupted` (exit 130) after Ctrl-C, state saved.
     """
-    with SweepSession(config, resume_dir=resume_dir, address=address) as session:
+    with SweepSession(config, resume_dir=resume_dir, address=address, verbose=verbose) as session:
         return session.run()
 
 
@@ -111,11 +118,13 @@ class SweepSession:
     Every input is checked in the constructor, before anything is written (see `run_sweep`).
     """
 
-    def __init__(self, config: SweepConfig, *, resume_dir: Path | None = None, address: str | None = None):
-        self.config, self.address = config, address
+    def __init__(self, config: SweepConfig, *, resume_dir: Path | None = None, address: str | None = None,
+                 verbose: int = 0):
+        self.config, self.address, self.verbose = config, address, verbose
         self.resuming = resume_dir is not None
         self.datasets = load_datasets(config, RunDir(resume_dir) if self.resuming else None)
         self.spaces = {model: load_search_space(model, config.search.spaces.get(model)) for model in config.models}
+        self.pair_parts = {pair_name(model, name): (model, name) for model in config.models for name in config.datasets}
         # What the trials read: each dataset, or with a text encoder its token ids and prefixes.
         self.inputs, self.encoder_depth = sweep_inputs(config.train, self.datasets, list(self.spaces.values()))
         check_models_fit_data(config, {name: inputs[0] for name, inputs in self.inputs.items()})
@@ -163,7 +172,7 @@ class SweepSession:
                     folder.rmdir()
 
     def run(self) -> SweepResult:
-        """Every pair's study, one after another, on a private Ray runtime or the joined cluster."""
+        """Every pair's study, all scheduled together, on a private Ray runtime or the joined cluster."""
         own_runtime = not ray.is_initialized()  # tests and notebooks may already hold one
         try:
             refs = self._start_ray(own_runtime)
@@ -171,8 +180,7 @@ class SweepSession:
                 self.server.wait_ready()
             self._trials_queued = True
             with SweepTracking(self.tracking_uri, self.run_dir, to_plain(self.config)) as tracking:
-                pairs = [self._run_pair(model, name, refs[name], tracking)
-                         for model in self.config.models for name in self.config.datasets]
+                pairs = self._run_matrix(refs, tracking)
         finally:
             if own_runtime:
                 ray.shutdown()
@@ -183,7 +191,8 @@ class SweepSession:
     def _start_ray(self, own_runtime: bool) -> dict[str, DatasetRefs]:
         """Start or join Ray, refuse what the cluster cannot run, and put the datasets in its store."""
         resources = self.config.resources
-        joined = connect(self.address, resources.max_concurrent_trials) if own_runtime else None
+        joined = connect(self.address, resources.max_concurrent_trials, log_to_driver=self.verbose > 0) \
+            if own_runtime else None
         kinds = node_kinds(joined is not None)
         check_trial_fits(trial_shape(resources), kinds)
         if joined is not None:
@@ -194,76 +203,119 @@ class SweepSession:
             print(f"[cluster] joined {joined}: {alive} nodes alive, {len(kinds) - alive} node types the autoscaler "
                   f"may add; every node sees {self.run_dir.root} and reaches MLflow (checked in "
                   f"{time.monotonic() - checked_from:.1f} s)", flush=True)
+        elif own_runtime and not self.verbose:
+            print(f"trial output: {ray_logs_dir()} (-v prints it here too)", flush=True)
         return {name: DatasetRefs({depth: [ray.put(view)] for depth, view in views.items()}, self.encoder_depth)
                 for name, views in self.inputs.items()}
 
-    def _run_pair(self, model: str, dataset_name: str, refs: DatasetRefs, tracking: SweepTracking) -> PairSummary:
-        config, dataset = self.config, self.datasets[dataset_name]
-        pair = pair_name(model, dataset_name)
-        metric = config.selection_metric(dataset.metric_suite)
+    def _run_matrix(self, refs: dict[str, DatasetRefs], tracking: SweepTracking) -> list[PairSummary]:
+        """One Tune run over every pair; each study is closed (and its best registered) as soon
+        as it is done, the others still running."""
+        config = self.config
         self.run_dir.optuna_dir.mkdir(exist_ok=True)
-        context = PairContext(
-            dataset_refs=refs, run_dir=self.run_dir, pair=pair, shape=trial_shape(config.resources),
-            max_failures=config.resources.max_failures, tune_metric=f"best_valid_{metric}", resuming=self.resuming,
-            tracking=tracking.open_study(pair, model, dataset),
-        )
-        trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), context.shape.tune_request)
-        callbacks = [PairProgress(pair, config.budget.trials_per_pair, metric), TrialRunCloser(context.tracking, self.run_dir)]
-        experiment = self.run_dir.tune_experiment(pair)
-        if self.resuming and tune.Tuner.can_restore(str(experiment)):
-            tuner = _restored_tuner(experiment, trainable, callbacks[1])
-        else:
-            tuner = self._new_tuner(model, dataset, metric, context, trainable, callbacks)
-        print(f"[{pair}] study {self.run_dir.study_url(pair)} ({config.budget.trials_per_pair} trials, "
-              f"metric valid {metric}, {METRIC_MODES[metric]})", flush=True)
-        started = time.monotonic()
-        tuner.fit()
-        study = optuna.load_study(study_name=pair, storage=self.run_dir.study_url(pair))
-        summary = summarize_study(study, run_dir=self.run_dir, pair=pair, model=model, dataset=dataset_name, metric=metric)
+        contexts, plans, closed = {}, {}, set()
+        for model in config.models:
+            for name in config.datasets:
+                pair, dataset = pair_name(model, name), self.datasets[name]
+                metric = config.selection_metric(dataset.metric_suite)
+                study_tracking, was_closed = tracking.open_study(pair, model, dataset)
+                if was_closed:
+                    closed.add(pair)
+                contexts[pair] = PairContext(
+                    dataset_refs=refs[name], run_dir=self.run_dir, pair=pair, shape=trial_shape(config.resources),
+                    max_failures=config.resources.max_failures, tune_metric=f"best_valid_{metric}",
+                    resuming=self.resuming, tracking=study_tracking,
+                )
+                plans[pair] = PairPlan(budget=config.budget.trials_per_pair, metric=metric)
+                print(f"[{pair}] study {self.run_dir.study_url(pair)} ({config.budget.trials_per_pair} trials, "
+                      f"metric valid {metric}, {METRIC_MODES[metric]})", flush=True)
+        shape = next(iter(contexts.values())).shape
+        trainable = tune.with_resources(tune.with_parameters(run_trial, contexts=contexts), shape.tune_request)
+        summaries: dict[str, Future] = {}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="msa-close-study") as closer:
+            def close_when_done(pair: str) -> None:  # called from Tune's controller: registering takes seconds
+                summaries[pair] = closer.submit(self._close_study, pair, contexts[pair], tracking)
+
+            callbacks = [SweepConsole(plans), TrialRunCloser({p: c.tracking for p, c in contexts.items()}, self.run_dir),
+                         StudyWatcher(plans, self.run_dir, close_when_done, closed)]
+            experiment = self.run_dir.tune_experiment
+            with tune_output(self.verbose):
+                if self.resuming and tune.Tuner.can_restore(str(experiment)):
+                    tuner = _restored_tuner(experiment, trainable, callbacks, self.verbose)
+                else:
+                    tuner = self._new_tuner(contexts, trainable, callbacks)
+                tuner.fit()
+        done, unfinished = {}, []
+        for pair, context in contexts.items():
+            if pair in summaries:
+                done[pair] = summaries[pair].result()
+                continue
+            study = optuna.load_study(study_name=pair, storage=self.run_dir.study_url(pair))
+            if pair in closed:  # by an earlier driver
+                done[pair] = self._summarize(pair, study)
+            elif study_is_done(study, config.budget.trials_per_pair):
+                done[pair] = self._close_study(pair, context, tracking)
+            else:
+                unfinished.append(pair)
         # Tune returns normally on Ctrl-C, and the trials it stops then never reach the searcher:
-        # fewer finished trials in the study than the budget, with time left, means the user stopped it.
-        budget = config.budget
-        out_of_time = budget.time_budget_s is not None and time.monotonic() - started >= budget.time_budget_s
-        if summary.finished < budget.trials_per_pair and not out_of_time:
-            raise SweepInterrupted(f"sweep interrupted during {pair}; resume with: msa sweep --resume {self.run_dir.root}")
+        # a study still short of its budget (with time left) means the user stopped the sweep.
+        if unfinished:
+            raise SweepInterrupted(f"sweep interrupted ({len(unfinished)} of {len(contexts)} studies unfinished: "
+                                   f"{', '.join(unfinished)}); resume with: msa sweep --resume {self.run_dir.root}")
+        return [done[pair] for pair in contexts]
+
+    def _summarize(self, pair: str, study) -> PairSummary:
+        model, dataset = self.pair_parts[pair]
+        return summarize_study(study, run_dir=self.run_dir, pair=pair, model=model, dataset=dataset,
+                               metric=self.config.selection_metric(self.datasets[dataset].metric_suite))
+
+    def _close_study(self, pair: str, context: PairContext, tracking: SweepTracking) -> PairSummary:
+        """Log the study's outcome, register its best trial and close its run (`SweepTracking`)."""
+        study = optuna.load_study(study_name=pair, storage=self.run_dir.study_url(pair))
+        summary = self._summarize(pair, study)
         tracking.close_study(context.tracking, study, summary)
         return summary
 
-    def _new_tuner(self, model: str, dataset: FeatureSet, metric: str, context: PairContext, trainable,
-                   callbacks: list) -> tune.Tuner:
-        config, pair, mode = self.config, context.pair, METRIC_MODES[metric]
+    def _new_tuner(self, contexts: dict[str, PairContext], trainable, callbacks: list) -> tune.Tuner:
+        config = self.config
         sampler_class = optuna.samplers.TPESampler if config.search.sampler == "tpe" else optuna.samplers.RandomSampler
-        searcher = PruningAwareOptunaSearch(
-            space=self.spaces[model].optuna_space(), metric=context.tune_metric, mode=mode,
-            sampler=sampler_class(seed=config.search.seed), study_name=pair,
-            storage=optuna.storages.RDBStorage(self.run_dir.study_url(pair)),
-            errors_dir=str(self.run_dir.tune_experiment(pair)), budget=config.budget.trials_per_pair,
-        )
-        scheduler = (
-            ASHAScheduler(time_attr="epoch", max_t=config.budget.max_epochs, grace_period=config.search.grace_period,
-                          reduction_factor=config.search.reduction_factor)
-            if config.search.scheduler == "asha" else FIFOScheduler()
-        )
-        param_space = trial_param_space(config, self.spaces[model], model, dataset, metric)
-        resolve_config({**param_space, "out": "unused"}, where=f"{pair} trial config")  # fail before Ray works
+        searchers, schedulers, trial_configs = {}, {}, {}
+        for pair, context in contexts.items():
+            model, name = self.pair_parts[pair]
+            dataset = self.datasets[name]
+            metric = config.selection_metric(dataset.metric_suite)
+            mode = METRIC_MODES[metric]
+            searchers[pair] = PruningAwareOptunaSearch(
+                space=self.spaces[model].optuna_space(), metric=context.tune_metric, mode=mode,
+                sampler=sampler_class(seed=config.search.seed), study_name=pair,
+                storage=optuna.storages.RDBStorage(self.run_dir.study_url(pair)),
+                errors_dir=str(self.run_dir.tune_experiment), budget=config.budget.trials_per_pair,
+            )
+            schedulers[pair] = pair_scheduler(
+                config.search.scheduler, metric=context.tune_metric, mode=mode, max_t=config.budget.max_epochs,
+                grace_period=config.search.grace_period, reduction_factor=config.search.reduction_factor)
+            trial_configs[pair] = trial_param_space(config, self.spaces[model], model, dataset, metric)
+            resolve_config({**trial_configs[pair], "out": "unused"}, where=f"{pair} trial config")  # fail before Ray works
+        resources = config.resources
+        search = MatrixSearch(searchers, trial_configs, schedule=resources.schedule,
+                              max_per_pair=resources.max_trials_per_pair, time_budget_s=config.budget.time_budget_s)
         return tune.Tuner(
             trainable,
-            param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=config.resources.max_concurrent_trials),
-                scheduler=scheduler, metric=context.tune_metric, mode=mode, num_samples=config.budget.trials_per_pair,
-                time_budget_s=config.budget.time_budget_s, trial_dirname_creator=trial_dirname,
+                search_alg=ConcurrencyLimiter(search, max_concurrent=resources.max_concurrent_trials),
+                scheduler=PairScheduler(schedulers), num_samples=config.budget.trials_per_pair * len(contexts),
+                trial_dirname_creator=trial_dirname,
                 # An inline trial's process keeps torch, DeepSpeed and its one-rank process group
                 # for the next trial (Tune starts a fresh one after a failure).
-                reuse_actors=context.shape.inline,
+                reuse_actors=next(iter(contexts.values())).shape.inline,
             ),
             run_config=tune.RunConfig(
-                name=pair, storage_path=str(self.run_dir.ray_dir),
-                failure_config=tune.FailureConfig(max_failures=config.resources.max_failures),
+                name=self.run_dir.tune_experiment.name, storage_path=str(self.run_dir.ray_dir),
+                failure_config=tune.FailureConfig(max_failures=resources.max_failures),
                 # A trial resumes from its latest epoch only: older ones would pile up (an
                 # encoder's trainable state is tens of MB per epoch).
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=callbacks, verbose=1,
+                callbacks=callbacks, verbose=self.verbose,
             ),
         )
 
@@ -281,14 +333,45 @@ def trial_param_space(config: SweepConfig, space: SearchSpace, model: str, datas
     return {**train, **space.fixed_values(), **owned}
 
 
-def _restored_tuner(experiment: Path, trainable, closer: TrialRunCloser) -> tune.Tuner:
-    """The pair's Tuner from its saved state: unfinished trials continue from their last
+@contextlib.contextmanager
+def tune_output(verbose: int):
+    """What Tune and Optuna print while the sweep runs: at `verbose` 0 only warnings, and no
+    experiment box (Ray's new output engine prints one at every verbosity; the legacy engine,
+    RAY_AIR_NEW_OUTPUT=0, honours verbosity 0) nor its warning about frequent experiment
+    snapshots (every epoch, with one checkpoint kept per trial)."""
+    if verbose:
+        yield
+        return
+    saved_env = {key: os.environ.get(key) for key in QUIET_TUNE_ENV}
+    saved_levels = (logging.getLogger("ray.tune").level, optuna.logging.get_verbosity())
+    os.environ.update(QUIET_TUNE_ENV)
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        logging.getLogger("ray.tune").setLevel(saved_levels[0])
+        optuna.logging.set_verbosity(saved_levels[1])
+
+
+QUIET_TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+
+
+def _restored_tuner(experiment: Path, trainable, callbacks: list, verbose: int) -> tune.Tuner:
+    """The sweep's Tuner from its saved state: unfinished trials continue from their last
     checkpoint; a trial that failed after all its retries stays failed (not run again)."""
     tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=False)
-    # The saved run config holds the callbacks pickled at the first start, whose tracking
-    # server address is stale now: give the restored run this start's closer.
+    # The saved run config holds the callbacks pickled at the first start (a stale tracking
+    # server address, no driver to close studies): this start's replace them.
     run_config = restored_run_config(tuner)
-    run_config.callbacks = [c for c in run_config.callbacks if not isinstance(c, TrialRunCloser)] + [closer]
+    run_config.callbacks = [c for c in run_config.callbacks
+                            if not isinstance(c, (SweepConsole, TrialRunCloser, StudyWatcher))] + callbacks
+    run_config.verbose = verbose
     return tuner
 
 

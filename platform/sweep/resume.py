@@ -22,8 +22,9 @@ def resume_config(run_dir: Path, config_path: str | None, overrides: list[str]) 
     if not folder.root.is_dir() or not started_file.is_file():
         raise MsaError(f"{folder.root} is not a sweep run directory (no sweep.yaml); cannot resume it")
     if folder.layout() != LAYOUT:
-        raise MsaError(f"{folder.root} was made by msa-sweep 0.1.0 (run-directory layout {folder.layout()}), whose "
-                       f"saved Tune state this version cannot restore; resume it with msa-sweep 0.1.0 or start a new "
+        made_by = folder.layout_version()
+        raise MsaError(f"{folder.root} was made by msa-sweep {made_by} (run-directory layout {folder.layout()}), whose "
+                       f"saved Tune state this version cannot restore; resume it with msa-sweep {made_by} or start a new "
                        f"sweep (its trials stay readable: msa ensemble {folder.root})")
     started = validate_sweep_config(
         build_dataclass(SweepConfig, load_yaml_mapping(started_file), where=str(started_file)), where=str(started_file)

@@ -28,6 +28,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from msa.platform.core.run_dir import RunDir
 from msa.platform.sweep.cluster import TrialShape, require_run_dir
+from msa.platform.sweep.schedule import PAIR_KEY
 from msa.platform.sweep.text_inputs import DatasetRefs
 from msa.platform.tracking.runs import EpochLogger, TrialTracking, open_trial_run
 from msa.platform.training.loop import train_loop
@@ -35,7 +36,8 @@ from msa.platform.training.loop import train_loop
 
 @dataclass(frozen=True)
 class PairContext:
-    """What every trial of one (model, dataset) pair needs; shipped once via `tune.with_parameters`."""
+    """What every trial of one (model, dataset) pair needs; every pair's is shipped once via
+    `tune.with_parameters`."""
 
     dataset_refs: DatasetRefs  # the dataset in the object store (per frozen-prefix depth with a text encoder)
     run_dir: RunDir
@@ -85,8 +87,10 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                       loop_config["run_id"])
 
 
-def run_trial(config: dict[str, Any], context: PairContext) -> None:
-    """The Tune function trainable: inline for one worker, else one data-parallel TorchTrainer."""
+def run_trial(config: dict[str, Any], contexts: dict[str, PairContext]) -> None:
+    """The Tune function trainable: inline for one worker, else one data-parallel TorchTrainer.
+    `config` is the trial's train config plus its pair (`PAIR_KEY`), whose context it runs in."""
+    context = contexts[config[PAIR_KEY]]
     require_run_dir(context.run_dir.root)
     trial_id = tune.get_context().get_trial_id()
     finished = _finished_in_study(context, trial_id) if context.resuming else None
@@ -94,7 +98,7 @@ def run_trial(config: dict[str, Any], context: PairContext) -> None:
         tune.report({"epoch": max(finished.intermediate_values, default=0), context.tune_metric: finished.value,
                      "final": float(finished.state == TrialState.COMPLETE)})
         return
-    train_config = {**config, "out": str(context.run_dir.trial(context.pair, trial_id))}
+    train_config = {**without_pair(config), "out": str(context.run_dir.trial(context.pair, trial_id))}
     dataset_ref = context.dataset_refs.for_trial(train_config)
     run_id = open_trial_run(context.tracking, trial_id, train_config)
     if context.shape.inline:
@@ -116,6 +120,11 @@ def run_trial(config: dict[str, Any], context: PairContext) -> None:
         ),
     )
     trainer.fit()
+
+
+def without_pair(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's train config: its Tune config without the pair it belongs to."""
+    return {key: value for key, value in config.items() if key != PAIR_KEY}
 
 
 def _finished_in_study(context: PairContext, trial_id: str) -> optuna.trial.FrozenTrial | None:

@@ -35,6 +35,7 @@ from msa.platform.tracking.registry import register_checkpoint, registered_name
 from msa.platform.tracking.runs import TrialTracking, log_trial_outcome
 from msa.platform.training.checkpoint import Checkpoint
 
+STUDY_CLOSED_TAG = "msa.study_closed"  # "true" once `close_study` has run: a resumed sweep leaves it closed
 STUDY_OUTCOMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
 
 
@@ -66,16 +67,25 @@ class SweepTracking:
                 self.client.set_terminated(study.info.run_id, status=status)
         self.client.set_terminated(self.sweep_run_id, status=status)
 
-    def open_study(self, pair: str, model: str, dataset) -> TrialTracking:
-        """The study's run (created, or found again on resume) and what its trials need."""
+    def open_study(self, pair: str, model: str, dataset) -> tuple[TrialTracking, bool]:
+        """The study's run (created, or found again on resume) and what its trials need, and
+        whether an earlier driver of this sweep already closed it (`close_study`): then it stays
+        closed."""
         study_tags = {RUN_DIR_TAG: str(self.run_dir.root), "msa.sweep": self.run_dir.name,
                       "msa.sweep_run_id": self.sweep_run_id, "model": model, "dataset": dataset.name,
                       "dataset_fingerprint": dataset.fingerprint, "metric_suite": dataset.metric_suite}
-        run_id, _ = find_or_create_run(self.client, self.experiment_id, {ROLE_TAG: "study", PAIR_TAG: pair},
-                                       name=pair, tags={**self.tags, **study_tags}, parent_run_id=self.sweep_run_id)
+        match = {ROLE_TAG: "study", PAIR_TAG: pair}
+        found = find_runs(self.client, self.experiment_id, {**match, STUDY_CLOSED_TAG: "true"}, max_results=1)
+        if found:
+            run_id, closed = found[0].info.run_id, True
+        else:
+            run_id, _ = find_or_create_run(self.client, self.experiment_id, match, name=pair,
+                                           tags={**self.tags, **study_tags}, parent_run_id=self.sweep_run_id)
+            closed = False
         return TrialTracking(uri=self.uri, experiment_id=self.experiment_id, study_run_id=run_id, pair=pair,
                              tags=study_tags, dataset_name=dataset.name,
-                             dataset_source=str(Path(dataset.source).resolve()), dataset_fingerprint=dataset.fingerprint)
+                             dataset_source=str(Path(dataset.source).resolve()),
+                             dataset_fingerprint=dataset.fingerprint), closed
 
     def _close_left_open(self, pair: str, study) -> None:
         """Close the trial runs a killed driver left RUNNING: a trial that finished unknown to the
@@ -104,6 +114,7 @@ class SweepTracking:
         self._log_plots(run_id, study, summary.complete + summary.pruned > 0)
         if summary.best_checkpoint is not None:
             self._register_best(tracking, Path(summary.best_checkpoint))
+        self.client.set_tag(run_id, STUDY_CLOSED_TAG, "true")
         self.client.set_terminated(run_id, status="FINISHED")
 
     def _log_plots(self, run_id: str, study, any_finished: bool) -> None:

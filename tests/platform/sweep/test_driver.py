@@ -19,6 +19,7 @@ import yaml
 from optuna.trial import TrialState
 
 from msa.platform.core.errors import MsaError
+from msa.platform.core.run_dir import RunDir
 from msa.platform.data.synth import synthesize
 from msa.platform.sweep.config import load_sweep_config
 from msa.platform.sweep.driver import run_sweep, trial_param_space
@@ -57,11 +58,9 @@ def trial_runs(mlflow_client, run_dir: Path) -> list:
 
 
 def finished_mtimes(run_dir: Path) -> dict[str, float]:
-    """Each finished trial's Ray id -> when its checkpoint's metrics.json was last written."""
-    (study,) = studies(run_dir).values()
-    trials_dir = run_dir / "trials" / study.study_name
-    return {t.user_attrs["ray_trial_id"]: (trials_dir / t.user_attrs["ray_trial_id"] / "metrics.json").stat().st_mtime
-            for t in finished(study)}
+    """Each finished trial's Ray id (in every study) -> when its checkpoint's metrics.json was last written."""
+    return {t.user_attrs["ray_trial_id"]: (RunDir(run_dir).trial(name, t.user_attrs["ray_trial_id"]) / "metrics.json").stat().st_mtime
+            for name, study in studies(run_dir).items() for t in finished(study)}
 
 
 def stop_when_finished(driver: subprocess.Popen, run_dir_glob, count: int, signum: int) -> Path:
@@ -77,8 +76,9 @@ def stop_when_finished(driver: subprocess.Popen, run_dir_glob, count: int, signu
 
 
 def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_losing_trials(tmp_path, tracking_store):
-    """Ctrl-C, resume, SIGKILL of the driver, resume: every trial finished before each stop is
-    kept once (Optuna, Ray, MLflow) and never run again; the budget of 6 is met exactly. The
+    """Two studies running at once (one trial each, two slots). Ctrl-C, resume, SIGKILL of the
+    driver, resume: every trial finished before each stop is kept once (Optuna, Ray, MLflow) and
+    never run again; each study ends with exactly its budget of 3 and is registered once. The
     drivers run with cloud credentials in their environment: they reach no file of the run."""
     import secrets
 
@@ -86,9 +86,9 @@ def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_losing_trial
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
            "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": "AKIA" + secret[:16].upper(), "MLFLOW_TRACKING_TOKEN": secret}
     config = write_config(
-        tmp_path, datasets=["synth_regression"], models=["baseline"],
-        budget={"trials_per_pair": 6, "max_epochs": 3}, search={"scheduler": "none", "seed": 1},
-        resources={"workers_per_trial": 1, "max_concurrent_trials": 1},
+        tmp_path, datasets=["synth_regression"], models=["baseline", "tfn"],
+        budget={"trials_per_pair": 3, "max_epochs": 3}, search={"scheduler": "none", "seed": 1},
+        resources={"workers_per_trial": 1, "max_concurrent_trials": 2, "max_trials_per_pair": 1},
     )
     run_dir_glob = lambda: (tmp_path / "sweeps").glob("t-*")  # noqa: E731
     driver = subprocess.Popen([MSA, "sweep", str(config)], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -101,9 +101,11 @@ def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_losing_trial
     assert 2 <= len(before_interrupt) < 6
     with tracking_store(run_dir) as mlflow_client:  # the interrupted sweep's open runs were ended
         experiment = mlflow_client.get_experiment_by_name(run_dir.name)
-        statuses = {r.data.tags["msa.role"]: r.info.status for r in mlflow_client.search_runs(
-            [experiment.experiment_id], filter_string="tags.`msa.role` != 'trial'")}
-        assert statuses == {"sweep": "KILLED", "study": "KILLED"}
+        statuses = {(r.data.tags["msa.role"], r.data.tags.get("msa.study_closed")): r.info.status for r in
+                    mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`msa.role` != 'trial'")}
+        assert statuses[("sweep", None)] == "KILLED"
+        assert {status for (role, closed), status in statuses.items() if role == "study"} <= {"KILLED", "FINISHED"}
+        assert all(closed == "true" for (role, closed), status in statuses.items() if status == "FINISHED")
 
     driver = subprocess.Popen([MSA, "sweep", "--resume", str(run_dir)], cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env)
@@ -117,20 +119,23 @@ def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_losing_trial
     resumed = subprocess.run([MSA, "sweep", "--resume", str(run_dir)], cwd=tmp_path, capture_output=True,
                              text=True, timeout=900, env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    (study,) = studies(run_dir).values()
-    ray_ids = [t.user_attrs["ray_trial_id"] for t in study.trials]
-    assert len(study.trials) == 6 and len(set(ray_ids)) == 6
-    assert all(t.state == TrialState.COMPLETE for t in study.trials), [(t.number, t.state, t.user_attrs) for t in study.trials]
+    ray_ids = []
+    assert set(studies(run_dir)) == {"baseline-synth_regression", "tfn-synth_regression"}
+    for study in studies(run_dir).values():
+        ray_ids += [t.user_attrs["ray_trial_id"] for t in study.trials]
+        assert len(study.trials) == 3
+        assert all(t.state == TrialState.COMPLETE for t in study.trials), [(t.number, t.state, t.user_attrs) for t in study.trials]
+    assert len(set(ray_ids)) == 6
     after = finished_mtimes(run_dir)
     for trial_id, mtime in {**before_interrupt, **before_kill}.items():  # finished before a stop: not run again
         assert after[trial_id] == mtime
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary[0]["trials"] == 6 and summary[0]["complete"] == 6
+    assert [(row["trials"], row["complete"]) for row in summary] == [(3, 3), (3, 3)]
     # Ray's own record of each trial. Not asserted for trials finished under the killed driver:
     # Tune copies a trial's results from the driver's staging folder to storage every ~10 s, so
     # one that finished in the last seconds before a SIGKILL has none (RELIABILITY.md).
     for trial_id in [*before_interrupt, *(i for i in ray_ids if i not in before_kill)]:
-        assert (run_dir / "ray" / "baseline-synth_regression" / trial_id / "result.json").is_file()
+        assert (RunDir(run_dir).tune_experiment / trial_id / "result.json").is_file()
     with tracking_store(run_dir) as mlflow_client:  # each trial one run, continued across stops
         runs = {r.data.tags["ray_trial_id"]: r for r in trial_runs(mlflow_client, run_dir)}
         # A trial the killed driver had started but not yet saved in Tune's state went on under a
@@ -141,6 +146,8 @@ def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_losing_trial
             steps = sorted(m.step for m in mlflow_client.get_metric_history(run.info.run_id, "valid_mae"))
             assert steps == [1, 2, 3], (run.data.tags["ray_trial_id"], steps)
             assert len(mlflow_client.get_metric_history(run.info.run_id, "test_mae")) == 1  # closed once
+        for name in ("msa-baseline-synth_regression", "msa-tfn-synth_regression"):  # each study registered once
+            assert len(mlflow_client.search_model_versions(f"name = '{name}'")) == 1
     files = [p for p in run_dir.rglob("*") if p.is_file()]  # MLflow's SQLite store and artifacts included
     assert any(p.name == "mlflow.db" for p in files) and any(p.name == "model.pt" for p in files)
     leaking = [str(p.relative_to(run_dir)) for p in files
@@ -280,6 +287,55 @@ def test_two_models_two_datasets_two_workers_zero1_with_asha_pruning(ray_runtime
     assert (run_dir / "summary.csv").is_file()
 
 
+def trial_spans(run_dir: Path) -> dict[str, tuple[str, float, float]]:
+    """Ray's own record of each trial: its pair and when it ran, from its ``result.json`` (the
+    last report's whole-second ``timestamp`` less the trainable's ``time_total_s``)."""
+    spans = {}
+    for result_file in RunDir(run_dir).tune_experiment.glob("*/result.json"):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        last = rows[-1]
+        spans[last["trial_id"]] = (last["config"]["msa_pair"], last["timestamp"] - last["time_total_s"], last["timestamp"])
+    return spans
+
+
+def overlap(a: tuple[str, float, float], b: tuple[str, float, float]) -> float:
+    return min(a[2], b[2]) - max(a[1], b[1])
+
+
+def test_a_two_by_two_sweep_runs_its_studies_at_once_within_the_per_pair_cap(ray_runtime, tmp_path, tracking_store):
+    """Two slots, at most one trial per pair at a time: Ray's records show trials of different
+    pairs running together and never two of one pair; each pair keeps its own budget, and the
+    first study is registered while the last still runs."""
+    config = load_sweep_config(write_config(
+        tmp_path, name="matrix", datasets=["synth_regression", "synth_classification"], models=["baseline", "tfn"],
+        budget={"trials_per_pair": 3, "max_epochs": 3},
+        search={"seed": 0, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
+        resources={"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2, "max_trials_per_pair": 1},
+    ))
+    rows = run_sweep(config).pairs
+    (run_dir,) = (tmp_path / "sweeps").glob("matrix-*")
+    assert [(r.pair, r.trials, r.failed) for r in rows] == [
+        ("baseline-synth_regression", 3, 0), ("baseline-synth_classification", 3, 0),
+        ("tfn-synth_regression", 3, 0), ("tfn-synth_classification", 3, 0)]
+    spans = trial_spans(run_dir)
+    assert len(spans) == 12
+    pairs_of = {pair for pair, _, _ in spans.values()}
+    assert pairs_of == {r.pair for r in rows}
+    together = [overlap(a, b) for a in spans.values() for b in spans.values() if a[0] < b[0]]
+    assert max(together) > 1.5, sorted(spans.values(), key=lambda span: span[1])  # beyond the 1 s resolution
+    for a_id, a in spans.items():  # the cap of one per pair (1 s: the records' resolution)
+        for b_id, b in spans.items():
+            if a_id < b_id and a[0] == b[0]:
+                assert overlap(a, b) <= 1.0, (a_id, a, b_id, b)
+    last_end = max(end for _, _, end in spans.values())
+    with tracking_store(run_dir) as mlflow_client:
+        (first,) = mlflow_client.search_model_versions("name = 'msa-baseline-synth_regression'")
+        assert first.creation_timestamp / 1000 < last_end - 2, "registered only at the end of the sweep"
+        studies_runs = [r for r in mlflow_client.search_runs(
+            [mlflow_client.get_experiment_by_name(run_dir.name).experiment_id], filter_string="tags.`msa.role` = 'study'")]
+        assert {r.info.status for r in studies_runs} == {"FINISHED"} and len(studies_runs) == 4
+
+
 def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_on(ray_runtime, tmp_path, tracking_store):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: categorical, choices: [1.0e-3, 1.0e+30]}  # 1e30: the loss is NaN in epoch 1\n")
@@ -301,7 +357,7 @@ def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_o
     assert (row.failed, row.complete) == (len(failed), len(complete))
     assert row.best_checkpoint is not None
     for trial in failed:  # tried once, retried once (max_failures=1), then given up
-        error_log = (run_dir / "ray" / "baseline-synth_regression" / trial.user_attrs["ray_trial_id"] / "error.txt").read_text()
+        error_log = (RunDir(run_dir).tune_experiment / trial.user_attrs["ray_trial_id"] / "error.txt").read_text()
         assert "training loss became nan in epoch 1" in error_log
         assert error_log.count("Failure #") == 2, error_log[:2000]
         # Ray, Optuna and MLflow give the same reason: the last line of Ray's error record.
@@ -319,7 +375,7 @@ def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_o
         assert {runs[t.user_attrs["ray_trial_id"]].info.status for t in complete} == {"FINISHED"}
 
     # --resume of a sweep whose failed trials used up their retries: none is started again.
-    error_logs = {t.user_attrs["ray_trial_id"]: run_dir / "ray" / "baseline-synth_regression" / t.user_attrs["ray_trial_id"]
+    error_logs = {t.user_attrs["ray_trial_id"]: RunDir(run_dir).tune_experiment / t.user_attrs["ray_trial_id"]
                   / "error.txt" for t in failed}
     before = {trial_id: path.read_text() for trial_id, path in error_logs.items()}
     (resumed,) = run_sweep(config, resume_dir=run_dir).pairs
@@ -372,7 +428,7 @@ def test_a_raising_trial_resumes_from_its_checkpoint_and_a_crashed_tracking_serv
     # A retry that started over would meet the fault again and, with max_failures 1, fail.
     assert trial.state == TrialState.COMPLETE and row.complete == 1
     trial_id = trial.user_attrs["ray_trial_id"]
-    error_log = (run_dir / "ray" / "baseline-synth_regression" / trial_id / "error.txt").read_text()
+    error_log = (RunDir(run_dir).tune_experiment / trial_id / "error.txt").read_text()
     assert error_log.count("Failure #") == 1 and "injected fault: rank 0 raised at the start of epoch 4" in error_log
 
     resolved = yaml.safe_load((Path(row.best_checkpoint) / "config.yaml").read_text())

@@ -3,6 +3,7 @@ differing key), refuses a folder that is not a run directory, and refuses one ma
 0.1.0 (run-directory layout 1). Ray is never started."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -160,4 +161,16 @@ def test_resume_of_a_run_directory_made_by_0_1_0_is_refused_naming_the_version(t
     code, err, _ = run_cli(["sweep", "--resume", str(run_dir)], capsys)
     assert code == 2 and len(err) == 1
     assert "made by msa-sweep 0.1.0" in err[0] and "layout 1" in err[0]
+    assert tree(tmp_path) == before
+
+
+def test_resume_of_a_run_directory_with_one_tune_run_per_pair_is_refused_naming_the_version(tmp_path, demo_path, capsys):
+    """Layout 2 kept one Tune experiment per pair (``ray/<pair>/``), run one after another;
+    this version restores one experiment for the whole matrix, so such a folder is refused."""
+    run_dir = started_run(tmp_path, demo_path)
+    RunDir(run_dir).layout_file.write_text(json.dumps({"layout": 2, "msa_sweep": "0.2.0"}) + "\n")
+    before = tree(tmp_path)
+    code, err, _ = run_cli(["sweep", "--resume", str(run_dir)], capsys)
+    assert code == 2 and len(err) == 1
+    assert "made by msa-sweep 0.2.0" in err[0] and "layout 2" in err[0] and "resume it with msa-sweep 0.2.0" in err[0]
     assert tree(tmp_path) == before

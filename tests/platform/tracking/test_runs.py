@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from msa.platform.cli import main
+from msa.platform.core.run_dir import RunDir
 from msa.platform.tracking.client import TRIAL_TAG
 from msa.platform.tracking.runs import EpochLogger, TrialTracking, open_trial_run
 
@@ -34,7 +35,7 @@ def runs_by_role(sweep) -> dict[str, list]:
 
 def tune_iterations(run_dir: Path, trial_id: str) -> int:
     """Epochs Tune received from the trial (its own record, independent of MLflow)."""
-    lines = (run_dir / "ray" / PAIR / trial_id / "result.json").read_text().splitlines()
+    lines = (RunDir(run_dir).tune_experiment / trial_id / "result.json").read_text().splitlines()
     return max(json.loads(line)["training_iteration"] for line in lines if line.strip())
 
 
