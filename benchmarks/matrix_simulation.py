@@ -11,7 +11,8 @@ What is replayed: each pair draws its trials (seeded, with replacement) from the
 trials of its model; a trial runs epoch by epoch with the recorded epoch seconds, and after each
 epoch reports its recorded best-so-far valid metric to its own pair's ASHA, Ray's
 `ASHAScheduler` itself, which decides to stop it or let it go on. A free slot goes to the pair
-`msa.platform.sweep.schedule.next_pair` picks (the code the sweep runs), after `--gap-s`
+`msa.platform.sweep.schedule.next_pair` picks (the code the sweep runs; `concurrent_fair_share`
+replays an alternative rule, the pair with the fewest trials running), after `--gap-s`
 seconds (Tune's hand-over between two trials on a slot, measured here). A pair's champion is
 registered `--register-s` seconds after its last trial ends.
 
@@ -52,8 +53,16 @@ def record(run_dirs: list[Path], out: Path) -> None:
     print(json.dumps({"recorded": dict(counts), "out": str(out)}))
 
 
+def fair_share(loads: list[PairLoad], *, schedule: str, max_per_pair: int | None) -> str | None:
+    """An alternative to `next_pair` measured here only: the free slot goes to the pair with the
+    fewest trials running (every study progresses evenly)."""
+    candidates = [load for load in loads if not load.exhausted]
+    return min(candidates, key=lambda load: load.running).pair if candidates else None
+
+
 def simulate(pool: dict[str, list[dict]], *, models: list[str], datasets: int, trials: int, slots: int,
-             schedule: str, max_t: int, grace: int, rf: int, gap_s: float, register_s: float, seed: int) -> dict:
+             schedule: str, max_t: int, grace: int, rf: int, gap_s: float, register_s: float, seed: int,
+             policy=next_pair) -> dict:
     """One replay; the pairs are ``model x dataset index``, in the sweep's order."""
     rng = random.Random(seed)
     pairs = [f"{model}-d{d}" for model in models for d in range(datasets)]
@@ -72,7 +81,7 @@ def simulate(pool: dict[str, list[dict]], *, models: list[str], datasets: int, t
         nonlocal free_slots, order
         while free_slots:
             loads = [PairLoad(p, running[p], started[p] >= trials) for p in pairs]
-            pair = next_pair(loads, schedule=schedule, max_per_pair=None)
+            pair = policy(loads, schedule=schedule, max_per_pair=None)
             if pair is None:
                 return
             recorded = draws[pair][started[pair]]
@@ -120,15 +129,18 @@ def replay(args) -> None:
     pool = defaultdict(list)
     for trial in recorded:
         pool[trial["model"]].append(trial)
-    models = sorted(pool)
+    # The sweep's order: the slowest model first (README: the matrix then ends on short trials).
+    models = sorted(pool, key=lambda m: -statistics.mean(sum(t["epoch_seconds"]) for t in pool[m]))
     if args.pairs % len(models):
         raise SystemExit(f"--pairs {args.pairs} is not a multiple of the {len(models)} recorded models {models}")
     report = {"command": " ".join(sys.argv), "recorded_trials": {m: len(t) for m, t in pool.items()},
-              "pairs": args.pairs, "trials_per_pair": args.trials, "slots": args.slots, "seeds": args.seeds}
-    for schedule in ("sequential", "concurrent"):
+              "model_order": models, "pairs": args.pairs, "trials_per_pair": args.trials, "slots": args.slots,
+              "seeds": args.seeds}
+    for schedule, policy in (("sequential", next_pair), ("concurrent", next_pair), ("concurrent_fair_share", fair_share)):
         runs = [simulate(pool, models=models, datasets=args.pairs // len(models), trials=args.trials, slots=args.slots,
-                         schedule=schedule, max_t=args.max_t, grace=args.grace, rf=args.rf, gap_s=args.gap_s,
-                         register_s=args.register_s, seed=seed) for seed in range(args.seeds)]
+                         schedule=schedule.removesuffix("_fair_share"), max_t=args.max_t, grace=args.grace, rf=args.rf,
+                         gap_s=args.gap_s, register_s=args.register_s, seed=seed, policy=policy)
+                for seed in range(args.seeds)]
         report[schedule] = {key: round(statistics.mean(r[key] for r in runs), 4 if key == "utilisation" else 1)
                             for key in ("makespan_s", "utilisation", "first_champion_s", "median_champion_s",
                                         "last_champion_s", "extended_epochs")}

@@ -92,10 +92,19 @@ class SweepConsole(tune.Callback):
 
 
 class TrialRunCloser(tune.Callback):
-    """When Tune ends a trial, log its outcome to the trial's run (`tracking.runs`) and close it."""
+    """When Tune ends a trial, log its outcome to the trial's run (`tracking.runs`) and close it.
 
-    def __init__(self, trackings: dict[str, TrialTracking], run_dir: RunDir):
-        self.trackings, self.run_dir = trackings, run_dir
+    The logging (test metrics, checkpoint files, a learning-curve plot: seconds per trial) runs
+    through `submit`, the driver's closing thread, not in Tune's controller, which would hold
+    every free slot meanwhile; the same thread closes studies afterwards, so a study's last trial
+    is closed before the study. A restored Tune run gets a new closer (the saved one keeps no
+    `submit`)."""
+
+    def __init__(self, trackings: dict[str, TrialTracking], run_dir: RunDir, submit: Callable):
+        self.trackings, self.run_dir, self.submit = trackings, run_dir, submit
+
+    def __getstate__(self) -> dict:
+        return {"trackings": self.trackings, "run_dir": self.run_dir}
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._close(trial, trial_outcome(trial))
@@ -104,16 +113,20 @@ class TrialRunCloser(tune.Callback):
         self._close(trial, "failed")
 
     def _close(self, trial, state: str) -> None:
-        tracking = self.trackings[trial.config[PAIR_KEY]]
+        # What the close needs, read now: Tune goes on changing the trial.
+        self.submit(self.close_run, trial.trial_id, dict(trial.config), state, trial.error_file)
+
+    def close_run(self, trial_id: str, config: dict, state: str, error_file: str | None) -> None:
+        tracking = self.trackings[config[PAIR_KEY]]
         mlflow_client = client(tracking.uri)
-        folder = self.run_dir.trial(tracking.pair, trial.trial_id)
-        run_id = open_trial_run(tracking, trial.trial_id, {**without_pair(trial.config), "out": str(folder)})  # a trial that failed before opening it
+        folder = self.run_dir.trial(tracking.pair, trial_id)
+        run_id = open_trial_run(tracking, trial_id, {**without_pair(config), "out": str(folder)})  # a trial that failed before opening it
         closed_as = mlflow_client.get_run(run_id).data.tags.get(STATE_TAG)
         if closed_as is not None:  # closed before a driver was killed; Tune ran it again from its last checkpoint
             mlflow_client.set_terminated(run_id, status="FAILED" if closed_as == "failed" else "FINISHED")
             return
         if state == "failed":
-            mlflow_client.set_tag(run_id, FAIL_REASON_TAG, failure_reason(trial.error_file))
+            mlflow_client.set_tag(run_id, FAIL_REASON_TAG, failure_reason(error_file))
         log_trial_outcome(mlflow_client, run_id, folder, state)
 
 
@@ -136,6 +149,7 @@ class StudyWatcher(tune.Callback):
         self.plans, self.run_dir, self.on_done, self.every_s = plans, run_dir, on_done, every_s
         self.open = [pair for pair in plans if pair not in closed]
         self.last_check = 0.0
+        self.studies: dict[str, optuna.Study] = {}  # loaded once: a storage costs a fraction of a second
 
     def __getstate__(self) -> dict:
         return {"plans": self.plans, "run_dir": self.run_dir}
@@ -147,10 +161,11 @@ class StudyWatcher(tune.Callback):
         self._check(trials, [trial.config[PAIR_KEY]], ending=trial)
 
     def on_step_end(self, iteration, trials, **info) -> None:
-        # A study can also end without a trial ending: its time budget ran out between trials.
+        # A study can also end without a trial ending: its time budget ran out between trials
+        # (so only a pair that has had a trial can).
         if time.monotonic() - self.last_check >= self.every_s:
             self.last_check = time.monotonic()
-            self._check(trials, list(self.open))
+            self._check(trials, [pair for pair in self.open if any(t.config.get(PAIR_KEY) == pair for t in trials)])
 
     def _check(self, trials: list, pairs: list[str], ending=None) -> None:
         """`ending`: the trial Tune is ending now (its status changes after the callbacks)."""
@@ -158,7 +173,8 @@ class StudyWatcher(tune.Callback):
             if pair not in self.open or any(t.config.get(PAIR_KEY) == pair and t.status in LIVE and t is not ending
                                             for t in trials):
                 continue
-            study = optuna.load_study(study_name=pair, storage=self.run_dir.study_url(pair))
-            if study_is_done(study, self.plans[pair].budget):
+            if pair not in self.studies:
+                self.studies[pair] = optuna.load_study(study_name=pair, storage=self.run_dir.study_url(pair))
+            if study_is_done(self.studies[pair], self.plans[pair].budget):
                 self.open.remove(pair)
                 self.on_done(pair)

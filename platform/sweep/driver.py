@@ -232,11 +232,19 @@ class SweepSession:
         shape = next(iter(contexts.values())).shape
         trainable = tune.with_resources(tune.with_parameters(run_trial, contexts=contexts), shape.tune_request)
         summaries: dict[str, Future] = {}
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="msa-close-study") as closer:
-            def close_when_done(pair: str) -> None:  # called from Tune's controller: registering takes seconds
+        # The driver's closing thread: trial runs and studies are closed (and studies registered,
+        # seconds each) in the order Tune ended them, while Tune's controller goes on scheduling.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="msa-close") as closer:
+            trial_closes: list[Future] = []
+
+            def close_trial(*args) -> None:
+                trial_closes.append(closer.submit(*args))
+
+            def close_when_done(pair: str) -> None:
                 summaries[pair] = closer.submit(self._close_study, pair, contexts[pair], tracking)
 
-            callbacks = [SweepConsole(plans), TrialRunCloser({p: c.tracking for p, c in contexts.items()}, self.run_dir),
+            callbacks = [SweepConsole(plans),
+                         TrialRunCloser({p: c.tracking for p, c in contexts.items()}, self.run_dir, close_trial),
                          StudyWatcher(plans, self.run_dir, close_when_done, closed)]
             experiment = self.run_dir.tune_experiment
             with tune_output(self.verbose):
@@ -245,6 +253,8 @@ class SweepSession:
                 else:
                     tuner = self._new_tuner(contexts, trainable, callbacks)
                 tuner.fit()
+        for future in trial_closes:
+            future.result()  # raise what a close raised
         done, unfinished = {}, []
         for pair, context in contexts.items():
             if pair in summaries:
