@@ -1,8 +1,12 @@
 """Tune callbacks of a sweep (they run in the driver, inside Tune's controller): the console a
-person follows, the closing of each trial's MLflow run however the trial ended, and the
-detection of a study that has finished while other studies still run."""
+person follows (and `tune_output`, what Tune and Optuna themselves print meanwhile), the closing
+of each trial's MLflow run however the trial ended, and the detection of a study that has
+finished while other studies still run."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +24,7 @@ from msa.platform.tracking.client import FAIL_REASON_TAG, STATE_TAG, client
 from msa.platform.tracking.runs import TrialTracking, failure_reason, log_trial_outcome, open_trial_run
 
 LIVE = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
+QUIET_TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
 def trial_outcome(trial) -> str:
@@ -89,6 +94,32 @@ class SweepConsole(tune.Callback):
             lines.append(f"[{pair:<{width}}] {len(ended) + failed}/{plan.budget} done ({pruned} pruned, {failed} failed), "
                          f"{running} running; best valid {plan.metric} {best_text}")
         return lines
+
+
+@contextlib.contextmanager
+def tune_output(verbose: int):
+    """What Tune and Optuna print while the sweep runs: at `verbose` 0 only warnings, and no
+    experiment box (Ray's new output engine prints one at every verbosity; the legacy engine,
+    RAY_AIR_NEW_OUTPUT=0, honours verbosity 0) nor its warning about frequent experiment
+    snapshots (every epoch, with one checkpoint kept per trial)."""
+    if verbose:
+        yield
+        return
+    saved_env = {key: os.environ.get(key) for key in QUIET_TUNE_ENV}
+    saved_levels = (logging.getLogger("ray.tune").level, optuna.logging.get_verbosity())
+    os.environ.update(QUIET_TUNE_ENV)
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        logging.getLogger("ray.tune").setLevel(saved_levels[0])
+        optuna.logging.set_verbosity(saved_levels[1])
 
 
 class TrialRunCloser(tune.Callback):

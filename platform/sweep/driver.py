@@ -10,8 +10,6 @@ registered when the study ends. The run directory's layout is `msa.platform.core
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +33,14 @@ from msa.platform.data.features import FeatureSet
 from msa.platform.data.readers import load_dataset, write_mmsa_pickle
 from msa.platform.data.synth import synthesize
 from msa.platform.data.text import absolute_encoder_path
-from msa.platform.sweep.callbacks import PairPlan, StudyWatcher, SweepConsole, TrialRunCloser, study_is_done
+from msa.platform.sweep.callbacks import (
+    PairPlan,
+    StudyWatcher,
+    SweepConsole,
+    TrialRunCloser,
+    study_is_done,
+    tune_output,
+)
 from msa.platform.sweep.cluster import (
     check_address_format,
     check_shared_storage,
@@ -341,35 +346,6 @@ def trial_param_space(config: SweepConfig, space: SearchSpace, model: str, datas
     if train.get("text_encoder", {}).get("path"):  # trials may run in other folders
         train["text_encoder"] = {**train["text_encoder"], "path": absolute_encoder_path(train["text_encoder"]["path"])}
     return {**train, **space.fixed_values(), **owned}
-
-
-@contextlib.contextmanager
-def tune_output(verbose: int):
-    """What Tune and Optuna print while the sweep runs: at `verbose` 0 only warnings, and no
-    experiment box (Ray's new output engine prints one at every verbosity; the legacy engine,
-    RAY_AIR_NEW_OUTPUT=0, honours verbosity 0) nor its warning about frequent experiment
-    snapshots (every epoch, with one checkpoint kept per trial)."""
-    if verbose:
-        yield
-        return
-    saved_env = {key: os.environ.get(key) for key in QUIET_TUNE_ENV}
-    saved_levels = (logging.getLogger("ray.tune").level, optuna.logging.get_verbosity())
-    os.environ.update(QUIET_TUNE_ENV)
-    logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        yield
-    finally:
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        logging.getLogger("ray.tune").setLevel(saved_levels[0])
-        optuna.logging.set_verbosity(saved_levels[1])
-
-
-QUIET_TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
 def _restored_tuner(experiment: Path, trainable, callbacks: list, verbose: int) -> tune.Tuner:

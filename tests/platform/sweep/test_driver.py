@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -302,10 +303,12 @@ def overlap(a: tuple[str, float, float], b: tuple[str, float, float]) -> float:
     return min(a[2], b[2]) - max(a[1], b[1])
 
 
-def test_a_two_by_two_sweep_runs_its_studies_at_once_within_the_per_pair_cap(ray_runtime, tmp_path, tracking_store):
+def test_a_two_by_two_sweep_runs_its_studies_at_once_within_the_per_pair_cap(ray_runtime, tmp_path, tracking_store,
+                                                                             capsys):
     """Two slots, at most one trial per pair at a time: Ray's records show trials of different
     pairs running together and never two of one pair; each pair keeps its own budget, and the
-    first study is registered while the last still runs."""
+    first study is registered while the last still runs. The console has one line per trial
+    event and per registration, status lines per pair, and not Ray's trial table."""
     config = load_sweep_config(write_config(
         tmp_path, name="matrix", datasets=["synth_regression", "synth_classification"], models=["baseline", "tfn"],
         budget={"trials_per_pair": 3, "max_epochs": 3},
@@ -313,7 +316,13 @@ def test_a_two_by_two_sweep_runs_its_studies_at_once_within_the_per_pair_cap(ray
         resources={"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2, "max_trials_per_pair": 1},
     ))
     rows = run_sweep(config).pairs
+    console = capsys.readouterr().out.splitlines()
     (run_dir,) = (tmp_path / "sweeps").glob("matrix-*")
+    events = [line for line in console if re.fullmatch(r"\[[a-z_-]+\] trial \w+ (complete|pruned) at epoch \d: .*", line)]
+    assert len(events) == 12, console
+    assert sum(re.match(r"\[[a-z_-]+ *\] \d/3 done", line) is not None for line in console) >= 4  # one per pair
+    assert sum(" registered msa-" in line for line in console) == 4
+    assert not any("Trial name" in line or "Configuration for experiment" in line for line in console)
     assert [(r.pair, r.trials, r.failed) for r in rows] == [
         ("baseline-synth_regression", 3, 0), ("baseline-synth_classification", 3, 0),
         ("tfn-synth_regression", 3, 0), ("tfn-synth_classification", 3, 0)]
