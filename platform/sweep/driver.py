@@ -129,10 +129,12 @@ class SweepSession:
         self.resuming = resume_dir is not None
         self.datasets = load_datasets(config, RunDir(resume_dir) if self.resuming else None)
         self.spaces = {model: load_search_space(model, config.search.spaces.get(model)) for model in config.models}
-        self.pair_parts = {pair_name(model, name): (model, name) for model in config.models for name in config.datasets}
         # What the trials read: each dataset, or with a text encoder its token ids and prefixes.
         self.inputs, self.encoder_depth = sweep_inputs(config.train, self.datasets, list(self.spaces.values()))
         check_models_fit_data(config, {name: inputs[0] for name, inputs in self.inputs.items()})
+        # Each pair's model, dataset and selection metric, in the sweep's order.
+        self.pairs = {pair_name(model, name): (model, name, config.selection_metric(self.datasets[name].metric_suite))
+                      for model in config.models for name in config.datasets}
         if config.tracking.uri:  # an unreachable server is an input error
             check_tracking_uri(config.tracking.uri)
         if address:
@@ -219,21 +221,18 @@ class SweepSession:
         config = self.config
         self.run_dir.optuna_dir.mkdir(exist_ok=True)
         contexts, plans, closed = {}, {}, set()
-        for model in config.models:
-            for name in config.datasets:
-                pair, dataset = pair_name(model, name), self.datasets[name]
-                metric = config.selection_metric(dataset.metric_suite)
-                study_tracking, was_closed = tracking.open_study(pair, model, dataset)
-                if was_closed:
-                    closed.add(pair)
-                contexts[pair] = PairContext(
-                    dataset_refs=refs[name], run_dir=self.run_dir, pair=pair, shape=trial_shape(config.resources),
-                    max_failures=config.resources.max_failures, tune_metric=f"best_valid_{metric}",
-                    resuming=self.resuming, tracking=study_tracking,
-                )
-                plans[pair] = PairPlan(budget=config.budget.trials_per_pair, metric=metric)
-                print(f"[{pair}] study {self.run_dir.study_url(pair)} ({config.budget.trials_per_pair} trials, "
-                      f"metric valid {metric}, {METRIC_MODES[metric]})", flush=True)
+        for pair, (model, name, metric) in self.pairs.items():
+            study_tracking, was_closed = tracking.open_study(pair, model, self.datasets[name])
+            if was_closed:
+                closed.add(pair)
+            contexts[pair] = PairContext(
+                dataset_refs=refs[name], run_dir=self.run_dir, pair=pair, shape=trial_shape(config.resources),
+                max_failures=config.resources.max_failures, tune_metric=f"best_valid_{metric}",
+                resuming=self.resuming, tracking=study_tracking,
+            )
+            plans[pair] = PairPlan(budget=config.budget.trials_per_pair, metric=metric)
+            print(f"[{pair}] study {self.run_dir.study_url(pair)} ({config.budget.trials_per_pair} trials, "
+                  f"metric valid {metric}, {METRIC_MODES[metric]})", flush=True)
         shape = next(iter(contexts.values())).shape
         trainable = tune.with_resources(tune.with_parameters(run_trial, contexts=contexts), shape.tune_request)
         summaries: dict[str, Future] = {}
@@ -280,9 +279,8 @@ class SweepSession:
         return [done[pair] for pair in contexts]
 
     def _summarize(self, pair: str, study) -> PairSummary:
-        model, dataset = self.pair_parts[pair]
-        return summarize_study(study, run_dir=self.run_dir, pair=pair, model=model, dataset=dataset,
-                               metric=self.config.selection_metric(self.datasets[dataset].metric_suite))
+        model, dataset, metric = self.pairs[pair]
+        return summarize_study(study, run_dir=self.run_dir, pair=pair, model=model, dataset=dataset, metric=metric)
 
     def _close_study(self, pair: str, context: PairContext, tracking: SweepTracking) -> PairSummary:
         """Log the study's outcome, register its best trial and close its run (`SweepTracking`)."""
@@ -296,10 +294,8 @@ class SweepSession:
         sampler_class = optuna.samplers.TPESampler if config.search.sampler == "tpe" else optuna.samplers.RandomSampler
         searchers, schedulers, trial_configs = {}, {}, {}
         for pair, context in contexts.items():
-            model, name = self.pair_parts[pair]
-            dataset = self.datasets[name]
-            metric = config.selection_metric(dataset.metric_suite)
-            mode = METRIC_MODES[metric]
+            model, name, metric = self.pairs[pair]
+            dataset, mode = self.datasets[name], METRIC_MODES[metric]
             searchers[pair] = PruningAwareOptunaSearch(
                 space=self.spaces[model].optuna_space(), metric=context.tune_metric, mode=mode,
                 sampler=sampler_class(seed=config.search.seed), study_name=pair,

@@ -345,6 +345,24 @@ def test_a_two_by_two_sweep_runs_its_studies_at_once_within_the_per_pair_cap(ray
         assert {r.info.status for r in studies_runs} == {"FINISHED"} and len(studies_runs) == 4
 
 
+def test_a_pair_out_of_time_ends_its_study_without_interrupting_the_sweep(ray_runtime, tmp_path, tracking_store):
+    """`time_budget_s` per pair: after the first trial (several seconds) the 1 s budget is spent,
+    so no second trial starts; the study records it, is closed and registered, and the sweep
+    returns normally instead of reporting an interruption."""
+    config = load_sweep_config(write_config(
+        tmp_path, name="timed", datasets=["synth_regression"], models=["baseline"],
+        budget={"trials_per_pair": 5, "max_epochs": 3, "time_budget_s": 1.0}, search={"scheduler": "none"},
+        resources={"workers_per_trial": 1, "max_concurrent_trials": 1},
+    ))
+    (row,) = run_sweep(config).pairs
+    (run_dir,) = (tmp_path / "sweeps").glob("timed-*")
+    (study,) = studies(run_dir).values()
+    assert (row.trials, row.complete) == (1, 1) and len(study.trials) == 1
+    assert study.user_attrs["out_of_time"] is True
+    with tracking_store(run_dir) as mlflow_client:
+        assert len(mlflow_client.search_model_versions("name = 'msa-baseline-synth_regression'")) == 1
+
+
 def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_on(ray_runtime, tmp_path, tracking_store):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: categorical, choices: [1.0e-3, 1.0e+30]}  # 1e30: the loss is NaN in epoch 1\n")
