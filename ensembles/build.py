@@ -3,10 +3,12 @@
 Per dataset:
 
 1. Members: the best ``top_k`` trials of each model by the valid selection metric, weights
-   verified against their SHA-256, valid/test predictions aligned by clip id (`members.py`).
+   verified against their SHA-256, valid/test predictions aligned by clip id (`members.py`). A
+   trial of several seeds (a seed group) is one member: ranked on its seed mean, predicting its
+   seeds' mean, shown as mean ± sd over its seeds.
 2. Baselines: every member, the best single model (best valid score of all members), and the
-   seed ensemble (the best single model's config retrained with ``seeds - 1`` more seeds,
-   averaged; `retrain.py`).
+   seed ensemble (the best single model's own seeds and its config retrained with ``seeds - 1``
+   more seeds, averaged; `retrain.py`).
 3. Meta-learners (`meta_learners.py`), fitted under the configured protocol (`protocol.py`):
    ``crossfit`` fits on the members' valid predictions and reports a valid score cross-fitted
    over folds grouped by video; ``oof`` retrains each member's config on K grouped folds of
@@ -88,6 +90,7 @@ class Row:
     predict_seconds: float | None
     mlflow_run_id: str = ""
     registered: str = ""
+    seed_scores: list[dict[str, dict]] | None = None  # a seed group's: each seed's valid and test metrics
 
 
 def build_ensembles(options: EnsembleConfig, *, run_dir: Path | None = None, experiment: str | None = None,
@@ -154,12 +157,12 @@ def _build_dataset(name: str, members: list[Member], options: EnsembleConfig, fo
                    datasets: DatasetCache) -> tuple[dict[str, Any], list[Row]]:
     """One dataset's rows, ranked, as the leaderboard entry; the rows are returned for tracking."""
     best = members[0]  # members come ranked by valid score, across models
-    config = training_config(best.candidate.folder)
+    config = training_config(best.candidate.folder)  # a seed group's first seed's
     dataset = datasets.get(config["data"], _fingerprint(best), member=best.name)
     suite, metric = dataset.metric_suite, best.candidate.selection_metric
     valid, test = prediction_matrix(members, "valid"), prediction_matrix(members, "test")
     rows = [_member_row(member, number, valid, test, best) for number, member in enumerate(members)]
-    rows.append(_seed_row(seed_members(best, dataset, folder / "seeds", options.seeds, datasets), options.seeds))
+    rows.append(_seed_row(seed_members(best, dataset, folder / "seeds", options.seeds, datasets), len(best.seeds or [best])))
 
     names = options.learners or learners_for(dataset.task)
     learners = {learner: make_meta_learner(learner, task=dataset.task, suite=suite, metric=metric,
@@ -187,37 +190,40 @@ def _build_dataset(name: str, members: list[Member], options: EnsembleConfig, fo
 
 
 def _fingerprint(member: Member) -> str | None:
-    return Checkpoint(member.candidate.folder).metrics.get("dataset_fingerprint")
+    return Checkpoint(member.candidate.folders[0]).metrics.get("dataset_fingerprint")
 
 
 def _member_row(member: Member, number: int, valid: PredictionMatrix, test: PredictionMatrix, best: Member) -> Row:
     return Row(name=member.name, kind="best single" if member is best else "member", stack_level=0,
                valid_prediction=valid.predictions[:, number], test_prediction=test.predictions[:, number],
                valid_estimate="selected epoch (early stopping on valid)", members=[(member.name, 1.0)],
-               groups=[[member.candidate.folder]], combiner={"kind": "weighted", "weights": [1.0], "intercept": 0.0},
-               fit_seconds=_training_seconds(member), predict_seconds=None, mlflow_run_id=member.candidate.mlflow_run_id)
+               groups=[list(member.candidate.folders)], combiner={"kind": "weighted", "weights": [1.0], "intercept": 0.0},
+               fit_seconds=_training_seconds(member), predict_seconds=None, mlflow_run_id=member.candidate.mlflow_run_id,
+               seed_scores=[Checkpoint(folder).metrics for folder in member.candidate.folders]
+               if len(member.candidate.folders) > 1 else None)
 
 
 def _training_seconds(member: Member) -> float:
-    """Seconds the member's training spent in its epochs (its history.csv)."""
-    return Checkpoint(member.candidate.folder).epoch_seconds()
+    """Seconds the member's training spent in its epochs (its history.csv; a seed group's, summed)."""
+    return sum(Checkpoint(folder).epoch_seconds() for folder in member.candidate.folders)
 
 
-def _seed_row(seeds: list[Member], count: int) -> Row:
+def _seed_row(seeds: list[Member], own: int) -> Row:
+    """The seed ensemble: the best single model's `own` seeds and the retrained ones, averaged."""
     valid, test = prediction_matrix(seeds, "valid"), prediction_matrix(seeds, "test")
-    return Row(name=f"seed ensemble ({count} seeds)", kind="seed ensemble", stack_level=1,
+    return Row(name=f"seed ensemble ({len(seeds)} seeds)", kind="seed ensemble", stack_level=1,
                valid_prediction=valid.predictions.mean(axis=1), test_prediction=test.predictions.mean(axis=1),
                valid_estimate="average of seeds, each selected by early stopping on valid",
                members=[(m.name, 1.0 / len(seeds)) for m in seeds], groups=[[m.candidate.folder for m in seeds]],
                combiner={"kind": "weighted", "weights": [1.0], "intercept": 0.0},
                # the retrained seeds' training; the original's is on its own row
-               fit_seconds=sum(_training_seconds(m) for m in seeds[1:]), predict_seconds=None)
+               fit_seconds=sum(_training_seconds(m) for m in seeds[own:]), predict_seconds=None)
 
 
 def _crossfit(learners, members: list[Member], valid: PredictionMatrix, options: EnsembleConfig):
     folds = grouped_folds(valid.ids, options.folds, seed=options.seed)
     fitted = {name: fit_ensemble(learner, valid, folds) for name, learner in learners.items()}
-    groups = [[member.candidate.folder] for member in members]
+    groups = [list(member.candidate.folders) for member in members]
     return fitted, groups, f"cross-fitted, {options.folds} folds of valid grouped by video"
 
 
@@ -230,18 +236,21 @@ def _out_of_fold(learners, members: list[Member], dataset, valid: PredictionMatr
     pool_ids = tuple(str(i) for i in pool.ids)
     columns_oof, columns_test, groups = [], [], []
     for member in members:
-        fold_members = out_of_fold_members(member.candidate, dataset, pool, folds,
-                                           folder / member.name.replace("/", "-"), datasets)
-        oof = np.empty((len(pool_ids),) + member.predictions["valid"].shape[1:])
-        for fold, fold_member in enumerate(fold_members):
-            rows = np.flatnonzero(folds == fold)
-            position = {clip: i for i, clip in enumerate(fold_member.ids["valid"])}
-            oof[rows] = fold_member.predictions["valid"][[position[pool_ids[i]] for i in rows]]
+        # A seed group's every seed is retrained on each fold; the fold's prediction is their mean.
+        per_seed = [out_of_fold_members(seed.candidate, dataset, pool, folds,
+                                        folder / seed.name.replace("/", "-"), datasets)
+                    for seed in (member.seeds or [member])]
+        oof = np.zeros((len(pool_ids),) + member.predictions["valid"].shape[1:])
+        for fold_members in per_seed:
+            for fold, fold_member in enumerate(fold_members):
+                rows = np.flatnonzero(folds == fold)
+                position = {clip: i for i, clip in enumerate(fold_member.ids["valid"])}
+                oof[rows] += fold_member.predictions["valid"][[position[pool_ids[i]] for i in rows]] / len(per_seed)
         columns_oof.append(oof)
-        fold_test = prediction_matrix(fold_members, "test")
+        fold_test = prediction_matrix([m for fold_members in per_seed for m in fold_members], "test")
         position = {clip: i for i, clip in enumerate(fold_test.ids)}
         columns_test.append(fold_test.predictions.mean(axis=1)[[position[clip] for clip in test.ids]])
-        groups.append([m.candidate.folder for m in fold_members])
+        groups.append([m.candidate.folder for fold_members in per_seed for m in fold_members])
     stack = PredictionMatrix(split="oof", ids=pool_ids, labels=np.asarray(pool.labels), task=dataset.task,
                              predictions=np.stack(columns_oof, axis=1), members=test.members)
     stack_test = PredictionMatrix(split="test", ids=test.ids, labels=test.labels, task=dataset.task,
@@ -265,23 +274,41 @@ def _entry(name: str, dataset, metric: str, rows: list[Row], valid: PredictionMa
     scored = []
     for row in rows:
         valid_score = compute_metrics(suite, row.valid_prediction, valid.labels)[metric]
+        if row.seed_scores:  # a seed group: ranked on its seed mean, as its trial was
+            valid_score = _seed_stats(row.seed_scores, "valid")[metric][0]
         scored.append((row, valid_score))
     scored.sort(key=lambda pair: (loss_of(metric, pair[1]), pair[0].stack_level == 0))
     out_rows = []
     for row, valid_score in scored:
+        test_scores = compute_metrics(suite, row.test_prediction, test.labels)
+        seeds = None
+        if row.seed_scores:  # mean +- sd over the seeds; Δ still compares predictions (the seed mean's)
+            stats = {split: _seed_stats(row.seed_scores, split) for split in ("valid", "test")}
+            test_scores = {m: value for m, (value, _) in stats["test"].items()}
+            seeds = {"count": len(row.seed_scores), "valid_sd": {metric: stats["valid"][metric][1]},
+                     "test_sd": {m: sd for m, (_, sd) in stats["test"].items()}}
         out_rows.append({
             "name": row.name, "kind": row.kind, "stack_level": row.stack_level,
             "valid": finite_metrics({metric: valid_score}), "valid_estimate": row.valid_estimate,
-            "test": finite_metrics(compute_metrics(suite, row.test_prediction, test.labels)),
+            "test": finite_metrics(test_scores),
             "test_diff": bootstrap.compare(row.test_prediction),
             "members": [{"name": member, "weight": weight} for member, weight in row.members],
             "fit_seconds": row.fit_seconds, "predict_seconds": row.predict_seconds,
-            "mlflow_run_id": row.mlflow_run_id, "registered": row.registered,
+            "mlflow_run_id": row.mlflow_run_id, "registered": row.registered, "seeds": seeds,
         })
     return {"dataset": name, "metric_suite": suite, "task": dataset.task, "selection_metric": metric,
             "metrics": list(SUITE_METRICS[suite]),
             "directions": {m: direction(m) for m in SUITE_METRICS[suite]},
             "best_single": best.name, "rows": out_rows}
+
+
+def _seed_stats(seed_scores: list[dict[str, dict]], split: str) -> dict[str, tuple[float, float]]:
+    """Per metric, the seeds' mean and sample standard deviation on `split` (NaN where a seed's is undefined)."""
+    stats = {}
+    for metric in seed_scores[0][split]:
+        values = np.asarray([np.nan if s[split].get(metric) is None else s[split][metric] for s in seed_scores], float)
+        stats[metric] = (float(values.mean()), float(values.std(ddof=1)))
+    return stats
 
 
 def _track(mlflow_client, uri: str, experiment_id: str, options: EnsembleConfig, board: dict[str, Any],

@@ -23,8 +23,8 @@ class EnsembleConfig:
             over grouped folds) or ``oof`` (retrain each member's config on K grouped folds of
             train+valid and stack on the out-of-fold predictions: K retrainings per member).
         folds: K for cross-fitting and for the out-of-fold protocol.
-        seeds: runs of the best single model's config averaged in the seed ensemble (the
-            original trial plus ``seeds - 1`` retrained with the next seeds).
+        seeds: the seed ensemble averages the best single model's own seeds (one, or its seed
+            group's) and ``seeds - 1`` more runs of its config, retrained with the next seeds.
         caruana_steps: greedy steps of Caruana selection.
         bootstrap: resamples behind each paired 95% interval.
         seed: seeds the folds, the bootstrap and Caruana's tie-breaking.

@@ -19,7 +19,7 @@ from mlflow.types.schema import Schema
 
 from msa.ensembles.meta_learners import combine
 from msa.platform.core.compat import untyped_python_model
-from msa.platform.tracking.registry import LoadedCheckpoint, checkpoint_signature, register_pyfunc
+from msa.platform.tracking.registry import LoadedCheckpoint, checkpoint_signature, mean_prediction, register_pyfunc
 from msa.platform.training.checkpoint import Checkpoint
 
 DESCRIPTION = "ensemble.json"
@@ -34,7 +34,7 @@ class EnsembleModel(untyped_python_model()):
         self.groups = [[LoadedCheckpoint(Path(context.artifacts[key])) for key in group] for group in description["groups"]]
 
     def predict(self, context, model_input, params=None):
-        columns = [np.mean([checkpoint.predict(model_input) for checkpoint in group], axis=0) for group in self.groups]
+        columns = [mean_prediction(group, model_input) for group in self.groups]
         return combine(self.combiner, np.stack(columns, axis=1))
 
 

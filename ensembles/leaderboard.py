@@ -1,4 +1,6 @@
-"""The leaderboard export: one document, four renderings (CSV, Markdown, JSON, self-contained HTML).
+"""The leaderboard export: one document, five renderings (CSV, Markdown and JSON at full
+precision here; the HTML page a person reads, `board_html.py`; LaTeX tables for a paper,
+`board_latex.py`).
 
 The document is a plain JSON-serialisable dict built by the ensemble job (see ``ensembles/README.md``):
 run facts at the top (``run_dir``, ``created``, ``protocol``, ``folds``, ``bootstrap``) and one entry
@@ -6,7 +8,9 @@ per dataset with its metric suite, the selection metric, every metric's directio
 ``"lower"`` is better), the best single model and the rows. The rows arrive ranked by the valid
 selection metric and keep that order (rank = position, from 1); test is only reported, never used to
 order anything. Each row carries its test metrics and, per metric, the difference to the best single
-model on test with a paired-bootstrap 95% interval (``test_diff``).
+model on test with a paired-bootstrap 95% interval (``test_diff``). A seed group's row has
+``seeds``: its seed count and each metric's standard deviation over the seeds (``valid_sd``,
+``test_sd``; its ``valid`` and ``test`` are then the seed means); other rows have none.
 
 Undefined values (``None``, and NaN or infinite floats) are ``null`` in JSON, an empty cell in CSV
 and ``–`` in Markdown and HTML. Every metric header names its direction: ``(higher is better)`` /
@@ -20,26 +24,32 @@ Example:
 """
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
+from msa.ensembles.board_html import to_html
+from msa.ensembles.board_latex import to_latex
+from msa.ensembles.board_text import (
+    ARROWS,
+    MISSING,
+    RANKING_SENTENCE,
+    facts,
+    intro,
+    legend,
+    number,
+    seed_sd,
+    unique,
+)
 from msa.platform.core.errors import MsaError
 from msa.platform.core.files import atomic_write, finite_or_none
 from msa.platform.core.run_dir import RunDir
-from msa.platform.tracking.plots import pyplot
 
-FORMATS = ("csv", "md", "json", "html")
-SUFFIXES = {"csv": ".csv", "md": ".md", "json": ".json", "html": ".html"}
+FORMATS = ("csv", "md", "json", "html", "latex")
+SUFFIXES = {"csv": ".csv", "md": ".md", "json": ".json", "html": ".html", "latex": ".tex"}
 DIRECTIONS = ("higher", "lower")
-ARROWS = {"higher": "↑", "lower": "↓"}
-MISSING = "–"
-RANKING_SENTENCE = "Ranked by the valid selection metric; test is scored once, after everything is fixed."
 
 BOARD_KEYS = ("run_dir", "created", "protocol", "folds", "bootstrap", "datasets")
 DATASET_KEYS = ("dataset", "metric_suite", "task", "selection_metric", "metrics", "directions", "best_single",
@@ -59,14 +69,14 @@ def render(board: dict, fmt: str) -> str:
     Raises:
         MsaError: `fmt` is not one of `FORMATS`.
     """
-    renderers = {"csv": to_csv, "md": to_markdown, "json": to_json, "html": to_html}
+    renderers = {"csv": to_csv, "md": to_markdown, "json": to_json, "html": to_html, "latex": to_latex}
     if fmt not in renderers:
         raise MsaError(f"unknown leaderboard format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return renderers[fmt](board)
 
 
 def write_all(board: dict, *folders: Path, stem: str = "leaderboard") -> list[dict[str, Path]]:
-    """Write ``<stem>.csv``, ``.md``, ``.json`` and ``.html`` into each of `folders`, each atomically.
+    """Write ``<stem>.csv``, ``.md``, ``.json``, ``.html`` and ``.tex`` into each of `folders`, each atomically.
 
     Every format is rendered once, before the first file is written, so a rendering error
     writes nothing. Returns, per folder, the path of each format."""
@@ -120,22 +130,25 @@ def to_csv(board: dict) -> str:
     better)``, ``valid_estimate``, ``test_<m> (<dir> is better)`` for every metric, ``diff_<m>``,
     ``diff_<m>_low``, ``diff_<m>_high`` for every metric (row minus best single on test, paired
     bootstrap 95% interval), ``members`` (``name:weight; name:weight``, weights to 4 decimals),
-    ``fit_seconds``, ``predict_seconds``, ``mlflow_run_id``, ``registered``.
+    ``fit_seconds``, ``predict_seconds``, ``mlflow_run_id``, ``registered``, then ``seeds`` (a
+    seed group's seed count, else empty) and ``sd_valid_<sel>``, ``sd_test_<m>`` (its seeds'
+    standard deviations).
 
     Datasets with different metric suites share one table: the metric columns are the union over
     the datasets, in order of first appearance, and a cell is empty where a dataset lacks the
     metric (as it is for an undefined value). Numbers are written at full precision (``repr``).
     """
     datasets = board["datasets"]
-    valid_columns = _unique((d["selection_metric"], d["directions"][d["selection_metric"]]) for d in datasets)
-    test_columns = _unique((m, d["directions"][m]) for d in datasets for m in d["metrics"])
-    diff_metrics = _unique(m for d in datasets for m in d["metrics"])
+    valid_columns = unique((d["selection_metric"], d["directions"][d["selection_metric"]]) for d in datasets)
+    test_columns = unique((m, d["directions"][m]) for d in datasets for m in d["metrics"])
+    diff_metrics = unique(m for d in datasets for m in d["metrics"])
     header = ["dataset", "rank", "name", "kind", "stack_level"]
     header += [_csv_metric("valid", m, direction) for m, direction in valid_columns]
     header += ["valid_estimate"]
     header += [_csv_metric("test", m, direction) for m, direction in test_columns]
     header += [f"diff_{m}{part}" for m in diff_metrics for part in ("", "_low", "_high")]
-    header += ["members", "fit_seconds", "predict_seconds", "mlflow_run_id", "registered"]
+    header += ["members", "fit_seconds", "predict_seconds", "mlflow_run_id", "registered", "seeds"]
+    header += [f"sd_valid_{m}" for m, _ in valid_columns] + [f"sd_test_{m}" for m in diff_metrics]
 
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=header, restval="")
@@ -152,8 +165,11 @@ def to_csv(board: dict) -> str:
                 "fit_seconds": _csv_value(row["fit_seconds"]),
                 "predict_seconds": _csv_value(row["predict_seconds"]),
                 "mlflow_run_id": row["mlflow_run_id"] or "", "registered": row["registered"] or "",
+                "seeds": _csv_value((row.get("seeds") or {}).get("count")),
+                f"sd_valid_{sel}": _csv_value(seed_sd(row, "valid", sel)),
             }
             for m in entry["metrics"]:
+                record[f"sd_test_{m}"] = _csv_value(seed_sd(row, "test", m))
                 record[_csv_metric("test", m, directions[m])] = _csv_value(row["test"].get(m))
                 diff = row["test_diff"].get(m) or {}
                 for part, key in (("", "diff"), ("_low", "low"), ("_high", "high")):
@@ -167,26 +183,27 @@ def _csv_metric(split: str, metric: str, direction: str) -> str:
 
 
 def _csv_value(value: Any) -> str:
-    number = _number(value)
-    if number is None:
+    found = number(value)
+    if found is None:
         return "" if value is None or isinstance(value, float) else str(value)
-    return repr(number)
+    return repr(found)
 
 
 # --------------------------------------------------------------------------------------------
-# Markdown and HTML: one table model, two renderings
+# Markdown
 # --------------------------------------------------------------------------------------------
 
 
 def to_markdown(board: dict) -> str:
     """A header (run, protocol, folds, created, bootstrap), the ranking sentence, a legend, then per
-    dataset a ``## <dataset>`` section with one table. Numbers to 4 decimals, undefined as ``–``."""
+    dataset a ``## <dataset>`` section with one table. Numbers to 4 decimals (a seed group's
+    followed by `` ± <sd>``), undefined as ``–``."""
     lines = ["# Leaderboard", ""]
-    lines += [f"- {label}: {value}" for label, value in _facts(board)]
-    lines += ["", RANKING_SENTENCE, "", _legend(board)]
+    lines += [f"- {label}: {value}" for label, value in facts(board)]
+    lines += ["", RANKING_SENTENCE, "", legend(board)]
     for entry in board["datasets"]:
         header, rows, numeric = _table(entry)
-        lines += ["", f"## {_md_cell(entry['dataset'])}", "", _intro(entry), ""]
+        lines += ["", f"## {_md_cell(entry['dataset'])}", "", intro(entry), ""]
         lines.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
         lines.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
         lines += ["| " + " | ".join(_md_cell(c if isinstance(c, str) else "; ".join(c)) for c in row) + " |"
@@ -194,56 +211,9 @@ def to_markdown(board: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_html(board: dict) -> str:
-    """One self-contained page: inline CSS, no script, no external resource. The same content as
-    `to_markdown`, plus each dataset's `chart_png` embedded as a ``data:image/png;base64`` image."""
-    esc = html.escape
-    title = f"Leaderboard: {Path(str(board['run_dir'])).name or board['run_dir']}"
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>{esc(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-        "<h1>Leaderboard</h1>", "<ul>",
-        *[f"<li><strong>{esc(label)}:</strong> {esc(str(value))}</li>" for label, value in _facts(board)],
-        "</ul>", f"<p>{esc(RANKING_SENTENCE)}</p>", f'<p class="legend">{esc(_legend(board))}</p>',
-    ]
-    for entry in board["datasets"]:
-        header, rows, numeric = _table(entry)
-        sel = entry["selection_metric"]
-        alt = (f"Bar chart: test {sel} of each row minus the best single model "
-               f"({entry['best_single']}) on {entry['dataset']}, with 95% intervals")
-        png = base64.b64encode(chart_png(entry)).decode("ascii")
-        parts += [
-            "<section>", f"<h2>{esc(str(entry['dataset']))}</h2>", f"<p>{esc(_intro(entry))}</p>",
-            '<div class="scroll"><table>', "<thead><tr>",
-            *[f'<th scope="col">{esc(h)}</th>' for h in header],
-            "</tr></thead>", "<tbody>",
-            *["<tr>" + "".join(f'<td class="{"num" if n else "text"}">{_html_cell(c)}</td>'
-                               for c, n in zip(row, numeric)) + "</tr>" for row in rows],
-            "</tbody>", "</table></div>",
-            f'<figure><img src="data:image/png;base64,{png}" alt="{esc(alt)}">'
-            f"<figcaption>{esc(alt)}</figcaption></figure>",
-            "</section>",
-        ]
-    parts += ["</body>", "</html>"]
-    return "\n".join(parts) + "\n"
-
-
-_CSS = (
-    "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em;color:#1a1a1a}"
-    "table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0 1em}"
-    "th,td{border:1px solid #c8c8c8;padding:0.25em 0.5em}"
-    "th{background:#eef1f5;text-align:left}"
-    "td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
-    "td.text{white-space:nowrap}.scroll{overflow-x:auto}"
-    "tbody tr:nth-child(even){background:#f8f9fb}"
-    ".legend{color:#444;font-size:0.9em}"
-    "figure{margin:0}img{max-width:100%}figcaption{color:#555;font-size:0.85em}"
-)
-
 def _table(entry: dict) -> tuple[list[str], list[list[str | tuple[str, ...]]], list[bool]]:
-    """The header, the cells and which columns hold numbers, for one dataset's table (shared by
-    Markdown and HTML). A cell of several lines (the members) is a tuple: Markdown joins it with
-    ``; ``, HTML with line breaks."""
+    """The header, the cells and which columns hold numbers, for one dataset's Markdown table. A
+    cell of several lines (the members) is a tuple, joined with ``; ``."""
     sel, directions = entry["selection_metric"], entry["directions"]
     header = ["rank", "name", "kind", "level", f"valid {sel} {ARROWS[directions[sel]]}", "valid estimate"]
     header += [f"test {m} {ARROWS[directions[m]]}" for m in entry["metrics"]]
@@ -252,9 +222,9 @@ def _table(entry: dict) -> tuple[list[str], list[list[str | tuple[str, ...]]], l
     for rank, row in enumerate(entry["rows"], start=1):
         diff = row["test_diff"].get(sel) or {}
         cells = [str(rank), str(row["name"]), str(row["kind"]), str(row["stack_level"]),
-                 _fixed(row["valid"].get(sel)), str(row["valid_estimate"] or MISSING)]
-        cells += [_fixed(row["test"].get(m)) for m in entry["metrics"]]
-        cells.append(MISSING if _number(diff.get("diff")) is None else
+                 _with_sd(row, "valid", sel), str(row["valid_estimate"] or MISSING)]
+        cells += [_with_sd(row, "test", m) for m in entry["metrics"]]
+        cells.append(MISSING if number(diff.get("diff")) is None else
                      f"{_fixed(diff.get('diff'))} [{_fixed(diff.get('low'))}, {_fixed(diff.get('high'))}]")
         cells.append(tuple(f"{m['name']} {m['weight']:.4f}" for m in row["members"]) or MISSING)
         cells += [_fixed(row["fit_seconds"]), _fixed(row["predict_seconds"]),
@@ -264,111 +234,23 @@ def _table(entry: dict) -> tuple[list[str], list[list[str | tuple[str, ...]]], l
     return header, rows, numeric
 
 
-def _facts(board: dict) -> list[tuple[str, Any]]:
-    return [("Run", board["run_dir"]), ("Protocol", board["protocol"]), ("Folds", board["folds"]),
-            ("Created", board["created"]), ("Bootstrap resamples", board["bootstrap"])]
-
-
-def _legend(board: dict) -> str:
-    return (f"↑ higher is better, ↓ lower is better. Δ is the row's test score minus the best single "
-            f"model's on the selection metric, with its paired-bootstrap 95% interval "
-            f"({board['bootstrap']} resamples) in brackets; an interval that excludes 0 is a difference "
-            f"the bootstrap resolves. {MISSING} marks an undefined value.")
-
-
-def _intro(entry: dict) -> str:
-    sel = entry["selection_metric"]
-    direction = entry["directions"][sel]
-    better = "negative" if direction == "lower" else "positive"
-    return (f"Task {entry['task']} (metric suite {entry['metric_suite']}); ranked by valid {sel} "
-            f"({direction} is better); best single model: {entry['best_single']}. "
-            f"A {better} Δ{sel} beats the best single model.")
+def _with_sd(row: dict, split: str, metric: str) -> str:
+    sd = seed_sd(row, split, metric)
+    return _fixed(row[split].get(metric)) + ("" if sd is None else f" ± {sd:.4f}")
 
 
 def _md_cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _html_cell(cell: str | tuple[str, ...]) -> str:
-    return html.escape(cell) if isinstance(cell, str) else "<br>".join(html.escape(line) for line in cell)
-
-
 def _fixed(value: Any) -> str:
-    number = _number(value)
-    return MISSING if number is None else f"{number:.4f}"
-
-
-# --------------------------------------------------------------------------------------------
-# Chart
-# --------------------------------------------------------------------------------------------
-
-
-def chart_png(dataset_entry: dict) -> bytes:
-    """Horizontal bars of each row's test difference to the best single model on the selection
-    metric, with the 95% interval as error bars and a zero line; rows in rank order from the top,
-    rows without a difference left out. Returns the PNG bytes."""
-    sel = dataset_entry["selection_metric"]
-    direction = dataset_entry["directions"][sel]
-    points = []
-    for row in dataset_entry["rows"]:
-        diff = row["test_diff"].get(sel) or {}
-        value = _number(diff.get("diff"))
-        if value is not None:
-            low, high = _number(diff.get("low")), _number(diff.get("high"))
-            label = f"{row['name']} (best single)" if row["name"] == dataset_entry["best_single"] else str(row["name"])
-            points.append((label.replace("$", r"\$"), value, low, high))  # no mathtext in names
-
-    plt = pyplot()
-    figure, axes = plt.subplots(figsize=(8, 1.5 + 0.4 * max(len(points), 1)))
-    try:
-        if points:
-            names = [p[0] for p in points]
-            values = [p[1] for p in points]
-            below = [max(value - low, 0.0) if low is not None else 0.0 for _, value, low, _ in points]
-            above = [max(high - value, 0.0) if high is not None else 0.0 for _, value, _, high in points]
-            better = [(v < 0) if direction == "lower" else (v > 0) for v in values]
-            colours = ["#3a7d44" if b else ("#9e9e9e" if v == 0 else "#b5473a") for b, v in zip(better, values)]
-            positions = range(len(points))
-            axes.barh(positions, values, xerr=[below, above], color=colours, capsize=3,
-                      error_kw={"elinewidth": 1, "ecolor": "#222222"})
-            axes.set_yticks(list(positions), labels=names)
-            axes.invert_yaxis()
-        else:
-            axes.text(0.5, 0.5, "no test differences to plot", ha="center", va="center", transform=axes.transAxes)
-            axes.set_yticks([])
-        axes.axvline(0.0, color="black", linewidth=1)
-        axes.set_xlabel(f"test {sel}: row minus best single model\n"
-                        f"whiskers: 95% bootstrap interval; green: better, red: worse")
-        axes.set_title(f"{dataset_entry['dataset']}: test Δ{sel} vs best single ({direction} is better)"
-                       .replace("$", r"\$"))
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100)
-    finally:
-        plt.close(figure)
-    return buffer.getvalue()
+    found = number(value)
+    return MISSING if found is None else f"{found:.4f}"
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _number(value: Any) -> float | int | None:
-    """A finite number, or None for None, NaN, infinities and anything that is not a number."""
-    if value is None or isinstance(value, (bool, str)):
-        return None
-    if isinstance(value, int):
-        return value
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _unique(items) -> list:
-    return list(dict.fromkeys(items))
 
 
 def _one_line(error: Exception) -> str:
@@ -407,7 +289,7 @@ def _check_board(board: Any) -> str:
                 if not isinstance(row[key], dict):
                     return f"{where}.rows[{r}].{key} is not an object"
             if not isinstance(row["members"], list) or not all(
-                    isinstance(m, dict) and "name" in m and _number(m.get("weight")) is not None
+                    isinstance(m, dict) and "name" in m and number(m.get("weight")) is not None
                     for m in row["members"]):
                 return f"{where}.rows[{r}].members must be a list of {{name, weight}}"
     return ""

@@ -2,7 +2,8 @@
 
 A sweep's finished trials are read from its Optuna studies (COMPLETE and PRUNED trials: a pruned
 trial's checkpoint holds its best epoch so far, selected on valid like any other), or from the
-trial runs of an MLflow experiment. Per dataset the best `top_k` trials of each model by the valid
+trial runs of an MLflow experiment. A trial of a sweep with several seeds per trial is a seed
+group: one member, scored on its seed mean, predicting its seeds' mean. Per dataset the best `top_k` trials of each model by the valid
 selection metric become members. Every member's weights are checked against the SHA-256 its
 ``metrics.json`` recorded, and its stored valid/test predictions are read (recomputed from the
 checkpoint when a predictions file is missing). Members must predict the same clips: the first
@@ -26,7 +27,7 @@ from msa.platform.data.features import FeatureSet
 from msa.platform.data.readers import load_dataset
 from msa.platform.tracking.client import PAIR_TAG, ROLE_TAG, STATE_TAG, TRIAL_TAG, client
 from msa.platform.tracking.registry import LoadedCheckpoint
-from msa.platform.training.checkpoint import PREDICTED_SPLITS, Checkpoint
+from msa.platform.training.checkpoint import PREDICTED_SPLITS, Checkpoint, SeedGroup
 
 ENSEMBLE_SPLITS = PREDICTED_SPLITS
 
@@ -44,10 +45,17 @@ class Candidate:
     valid_score: float
     best_epoch: int
     mlflow_run_id: str = ""
+    folders: tuple[Path, ...] = ()  # its checkpoint folders: `folder` itself, or a seed group's, one per seed
 
     @property
     def name(self) -> str:
         return f"{self.model}/{self.trial_id}"
+
+    def seed_candidates(self) -> list["Candidate"]:
+        """Each seed of a seed group as a candidate of its own (one checkpoint: itself)."""
+        if len(self.folders) <= 1:
+            return [self]
+        return [candidate_from_folder(folder, self.pair, f"{self.trial_id}-{folder.name}") for folder in self.folders]
 
 
 @dataclass
@@ -60,6 +68,7 @@ class Member:
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
     recomputed: bool = False
+    seeds: list["Member"] = field(default_factory=list)  # a seed group's seeds; its predictions are their mean
 
     @property
     def name(self) -> str:
@@ -67,13 +76,16 @@ class Member:
 
 
 def candidate_from_folder(folder: Path, pair: str, trial_id: str, run_id: str = "") -> Candidate:
-    """A checkpoint folder (written by `train_loop`) as a candidate, from its metrics.json."""
-    stored = Checkpoint(folder).metrics
+    """A checkpoint folder (written by `train_loop`), or a seed group's, as a candidate, from
+    metrics.json (a group's valid score is its seed mean, as its trial reported it)."""
+    group = SeedGroup(folder)
+    stored = group.first.metrics
     metric = stored["selection_metric"]
-    score = stored["valid"].get(metric)
+    score = group.mean("valid").get(metric)
+    best_epoch = round(sum(c.metrics["best_epoch"] for c in group.checkpoints) / len(group.checkpoints))
     return Candidate(model=stored["model"], dataset=stored["dataset"], pair=pair, trial_id=trial_id, folder=folder,
                      selection_metric=metric, valid_score=float("nan") if score is None else float(score),
-                     best_epoch=int(stored["best_epoch"]), mlflow_run_id=run_id)
+                     best_epoch=best_epoch, mlflow_run_id=run_id, folders=tuple(c.folder for c in group.checkpoints))
 
 
 def sweep_candidates(run_dir: Path) -> list[Candidate]:
@@ -89,7 +101,7 @@ def sweep_candidates(run_dir: Path) -> list[Candidate]:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
             trial_id = trial.user_attrs.get(TRIAL_TAG, "")
             folder = run_dir.trial(pair, trial_id)
-            if trial_id and Checkpoint(folder).exists():
+            if trial_id and SeedGroup(folder).exists():
                 candidates.append(candidate_from_folder(folder, pair, trial_id))
     return candidates
 
@@ -108,7 +120,7 @@ def experiment_candidates(uri: str, experiment: str, download_to: Path) -> list[
         if tags.get(STATE_TAG) not in ("complete", "pruned") or run.info.status != "FINISHED":
             continue
         target = download_to / tags[PAIR_TAG] / tags[TRIAL_TAG]
-        if not Checkpoint(target).exists():
+        if not SeedGroup(target).exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             mlflow_client.download_artifacts(run.info.run_id, "checkpoint", str(target.parent))
             (target.parent / "checkpoint").rename(target)
@@ -171,11 +183,20 @@ class DatasetCache:
 
 
 def load_member(candidate: Candidate, datasets: DatasetCache) -> Member:
-    """Verify `candidate`'s weights and read (or recompute) its valid and test predictions.
+    """Verify `candidate`'s weights and read (or recompute) its valid and test predictions; a
+    seed group's are its seeds' mean.
 
     Raises:
         MsaError: missing weights, a SHA-256 mismatch, or unreadable predictions.
     """
+    if len(candidate.folders) > 1:
+        seeds = [load_member(seed, datasets) for seed in candidate.seed_candidates()]
+        member = Member(candidate=candidate, task=seeds[0].task, recomputed=any(s.recomputed for s in seeds), seeds=seeds)
+        for split in ENSEMBLE_SPLITS:
+            matrix = prediction_matrix(seeds, split)
+            member.ids[split], member.labels[split] = matrix.ids, matrix.labels
+            member.predictions[split] = matrix.predictions.mean(axis=1)
+        return member
     checkpoint = Checkpoint(candidate.folder)
     checkpoint.verified_weights(f"member {candidate.name}")
     member = Member(candidate=candidate, task=checkpoint.spec.task)

@@ -5,8 +5,8 @@ another, each into its own checkpoint folder under the ensemble's output folder.
 already holds a finished run of the same configuration is reused, so running `msa ensemble` again
 retrains nothing.
 
-* Seed ensemble: the best single model's configuration trained again with other seeds (early
-  stopping on valid, exactly as in the sweep); the average of the seeds is the baseline a
+* Seed ensemble: the best single model's configuration trained again with more seeds (early
+  stopping on valid, exactly as in the sweep), beside the seed or seeds it was trained with; the average of the seeds is the baseline a
   stacked ensemble has to beat, since it costs the same and needs no search over members.
 * Out-of-fold: train and valid are pooled and cut into K folds grouped by video; fold j's model
   trains on the other folds for the member's selected number of epochs and keeps its last epoch
@@ -23,13 +23,14 @@ import numpy as np
 from msa.ensembles.folds import grouped_folds
 from msa.ensembles.members import Candidate, DatasetCache, Member, candidate_from_folder, load_member
 from msa.platform.data.features import FeatureSet, Split
-from msa.platform.training.checkpoint import Checkpoint
+from msa.platform.training.checkpoint import Checkpoint, SeedGroup
 from msa.platform.training.loop import train_loop
 
 
 def training_config(folder: Path) -> dict:
-    """The resolved train config a checkpoint folder records (without its data description)."""
-    return Checkpoint(folder).train_config()
+    """The resolved train config a checkpoint folder records (without its data description); a
+    seed group's first seed's."""
+    return SeedGroup(folder).first.train_config()
 
 
 def retrain(source: Path, dataset: FeatureSet, out: Path, *, seed: int, epochs: int | None = None) -> Path:
@@ -47,13 +48,15 @@ def retrain(source: Path, dataset: FeatureSet, out: Path, *, seed: int, epochs: 
 
 
 def seed_members(best: Member, dataset: FeatureSet, folder: Path, seeds: int, datasets: DatasetCache) -> list[Member]:
-    """The best single model and `seeds - 1` retrainings of its configuration with the next seeds."""
-    base_seed = int(training_config(best.candidate.folder)["seed"])
-    members = [best]
-    for offset in range(1, seeds):
-        out = retrain(best.candidate.folder, dataset, folder / f"seed{base_seed + offset}", seed=base_seed + offset)
-        candidate = candidate_from_folder(out, best.candidate.pair, f"{best.candidate.trial_id}-seed{base_seed + offset}")
-        members.append(load_member(candidate, datasets))
+    """The best single model's own seeds (one, or its seed group's) and `seeds - 1` retrainings
+    of its configuration with the next seeds."""
+    own = best.seeds or [best]
+    last_seed = max(int(training_config(member.candidate.folder)["seed"]) for member in own)
+    members = list(own)
+    for seed in range(last_seed + 1, last_seed + seeds):
+        out = retrain(own[0].candidate.folder, dataset, folder / f"seed{seed}", seed=seed)
+        members.append(load_member(candidate_from_folder(out, best.candidate.pair, f"{best.candidate.trial_id}-seed{seed}"),
+                                   datasets))
     return members
 
 

@@ -8,7 +8,7 @@
 * ``msa registry``: the msa-* models in the MLflow model registry, with valid/test metrics.
 * ``msa predict``: predictions of a registered model (``models:/NAME@champion``) for a dataset.
 * ``msa ensemble RUN_DIR``: stacked ensembles of a sweep's best trials and their leaderboard.
-* ``msa leaderboard RUN_DIR --format csv|md|json|html``: the leaderboard, exported.
+* ``msa leaderboard RUN_DIR --format csv|md|json|html|latex``: the leaderboard, exported.
 * ``msa run CONFIG``: the whole pipeline (sweep, ensembles, leaderboard).
 
 ``msa sweep`` and ``msa run`` take ``--address`` to run on a Ray cluster (README, "Running on a cluster").
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     leaderboard = commands.add_parser("leaderboard", help="export a built leaderboard as csv, md, json or html")
     leaderboard.add_argument("path", metavar="RUN_DIR", help="a sweep run directory (or an ensembles folder)")
-    leaderboard.add_argument("--format", choices=["csv", "md", "json", "html"], default="md")
+    leaderboard.add_argument("--format", choices=["csv", "md", "json", "html", "latex"], default="md")
     leaderboard.add_argument("--out", help="file to write (default: standard output)")
     leaderboard.set_defaults(run=_leaderboard)
 

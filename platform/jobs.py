@@ -37,7 +37,7 @@ from msa.platform.tracking.registry import list_registered, load_registered, pre
 from msa.platform.tracking.server import MlflowServer, require_store, serving
 from msa.platform.training.checkpoint import prediction_table
 from msa.platform.training.config import resolve_config
-from msa.platform.training.loop import train_loop
+from msa.platform.training.loop import train_seed_group
 
 ENSEMBLE_FLAGS = ("top_k", "protocol", "folds", "seeds", "caruana_steps", "bootstrap", "seed")
 
@@ -49,8 +49,9 @@ def load_job_config(path: str, overrides: list[str]) -> tuple[SweepConfig, Ensem
 
 
 def train(args: argparse.Namespace) -> None:
-    """`msa train`: one model trained in this process through DeepSpeed; prints each epoch, then
-    the selected epoch's valid and test metrics and where the checkpoint is."""
+    """`msa train`: one model (or, with ``seeds=n``, a seed group) trained in this process
+    through DeepSpeed; prints each epoch, then per seed the selected epoch's valid and test
+    metrics and where the checkpoint is."""
     values = load_yaml_mapping(args.config) if args.config else {}
     for key in ("model", "data", "out", "seed"):
         if getattr(args, key) is not None:
@@ -64,12 +65,14 @@ def train(args: argparse.Namespace) -> None:
         mark = " *" if record["improved"] else ""
         print(f"epoch {int(record['epoch']):3d}  loss {record['train_loss']:.4f}  valid: {metrics}{mark}", flush=True)
 
-    result = train_loop(config, on_epoch=show)
-    print(f"\nbest epoch {result.best_epoch}, selected on valid {result.selection_metric}")
-    print(f"{'metric':<16}{'valid':>10}{'test':>10}")
-    for name in result.valid_metrics:
-        print(f"{name:<16}{result.valid_metrics[name]:>10.4g}{result.test_metrics[name]:>10.4g}")
-    print(f"checkpoint: {result.out_dir}  (weights sha256 {result.weights_sha256[:16]}...)")
+    results = train_seed_group(config, on_epoch=show)
+    for result in results:
+        print(f"\n{'seed ' + str(result.out_dir.name.removeprefix('seed-')) + ': ' if len(results) > 1 else ''}"
+              f"best epoch {result.best_epoch}, selected on valid {result.selection_metric}")
+        print(f"{'metric':<16}{'valid':>10}{'test':>10}")
+        for name in result.valid_metrics:
+            print(f"{name:<16}{result.valid_metrics[name]:>10.4g}{result.test_metrics[name]:>10.4g}")
+        print(f"checkpoint: {result.out_dir}  (weights sha256 {result.weights_sha256[:16]}...)")
 
 
 def synth(args: argparse.Namespace) -> None:
@@ -238,11 +241,14 @@ def registry(args: argparse.Namespace) -> None:
     if not rows:
         print(f"no msa-* models registered at {uri}")
         return
-    print(f"{'name':<36}{'version':>8}  {'aliases':<10}{'valid':<18}{'test':<40}run")
+    print(f"{'name':<36}{'version':>8}  {'aliases':<10}{'seeds':<7}{'valid':<18}{'test':<40}run")
     for row in rows:
-        valid = "  ".join(f"{k} {v:.4g}" for k, v in row["valid"].items() if k == row["selection_metric"])
-        test = "  ".join(f"{k} {v:.4g}" for k, v in list(row["test"].items())[:3])
-        print(f"{row['name']:<36}{row['version']:>8}  {row['aliases']:<10}{valid:<18}{test:<40}{row['run_id']} ({row['sweep']})")
+        shown = lambda scores: "  ".join(f"{k} {'-' if v is None else format(v, '.4g')}" for k, v in scores)  # noqa: E731
+        valid = shown((k, v) for k, v in row["valid"].items() if k == row["selection_metric"])
+        test = shown(list(row["test"].items())[:3])
+        seeds = str(len(row["seeds"].split(","))) if row["seeds"] else "1"
+        print(f"{row['name']:<36}{row['version']:>8}  {row['aliases']:<10}{seeds:<7}{valid:<18}{test:<40}"
+              f"{row['run_id']} ({row['sweep']})")
 
 
 def predict(args: argparse.Namespace) -> None:

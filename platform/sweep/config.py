@@ -29,6 +29,10 @@ class BudgetConfig:
 
     Args:
         trials_per_pair: Optuna trials per pair.
+        seeds_per_trial: seeds each trial's config is trained with (``search.seed`` onwards: the
+            same seeds for every config). A trial is then a seed group: one Tune trial training
+            its seeds in lock-step in one slot, reporting their mean, which is all Optuna and
+            ASHA see; it is one ensemble member and, for the best, the registered model.
         max_epochs: epochs a trial may run (ASHA's max_t).
         time_budget_s: optional wall-clock budget per pair, counted from its first trial in this
             driver (a resumed sweep counts again): no trial of the pair starts after it, and the
@@ -36,6 +40,7 @@ class BudgetConfig:
     """
 
     trials_per_pair: int = 8
+    seeds_per_trial: int = 1
     max_epochs: int = 20
     time_budget_s: float | None = None
 
@@ -179,7 +184,8 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
             )
     budget, search, resources = config.budget, config.search, config.resources
     for label, value, low in (
-        ("budget.trials_per_pair", budget.trials_per_pair, 1), ("budget.max_epochs", budget.max_epochs, 1),
+        ("budget.trials_per_pair", budget.trials_per_pair, 1), ("budget.seeds_per_trial", budget.seeds_per_trial, 1),
+        ("budget.max_epochs", budget.max_epochs, 1),
         ("search.grace_period", search.grace_period, 1), ("search.reduction_factor", search.reduction_factor, 2),
         ("resources.workers_per_trial", resources.workers_per_trial, 1),
         ("resources.max_concurrent_trials", resources.max_concurrent_trials, 1),

@@ -335,7 +335,8 @@ def trial_param_space(config: SweepConfig, space: SearchSpace, model: str, datas
     """Every trial's train config before Optuna's suggestion is merged in: the sweep's `train:`
     section, the search space's fixed values and the `SWEEP_OWNED` keys (``out`` is the trial's
     folder, set by the trial itself)."""
-    owned = {"model": model, "data": dataset.source, "seed": config.search.seed, "epochs": config.budget.max_epochs,
+    owned = {"model": model, "data": dataset.source, "seed": config.search.seed, "seeds": config.budget.seeds_per_trial,
+             "epochs": config.budget.max_epochs,
              "selection_metric": metric, "zero_stage": config.deepspeed.zero_stage,
              "precision": config.deepspeed.precision}
     train = dict(config.train)

@@ -11,7 +11,7 @@ range:
 
 Validation: the name exists in the config it targets, ``low < high``, log ranges are positive,
 choices are non-empty, and every value is of the field's type. The fields a sweep sets itself
-(`msa.platform.training.config.SWEEP_OWNED`: model, data, out, seed, epochs, selection_metric,
+(`msa.platform.training.config.SWEEP_OWNED`: model, data, out, seed, seeds, epochs, selection_metric,
 zero_stage, precision) cannot be searched or fixed here, nor can ``text_encoder.path`` and
 ``text_encoder.max_length`` (they decide the token ids, made once per dataset by the driver).
 """

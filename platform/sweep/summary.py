@@ -16,7 +16,7 @@ from msa.platform.core.files import atomic_write
 from msa.platform.core.metrics import METRIC_MODES, loss_of
 from msa.platform.core.run_dir import RunDir
 from msa.platform.tracking.client import TRIAL_TAG
-from msa.platform.training.checkpoint import Checkpoint
+from msa.platform.training.checkpoint import SeedGroup
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def summarize_study(study, *, run_dir: RunDir, pair: str, model: str, dataset: s
         return summary
     folder = run_dir.trial(pair, best.user_attrs.get(TRIAL_TAG, ""))
     return dataclasses.replace(summary, best_value=best.value, best_params=best.params,
-                               best_checkpoint=str(folder) if Checkpoint(folder).exists() else None)
+                               best_checkpoint=str(folder) if SeedGroup(folder).exists() else None)
 
 
 @dataclass(frozen=True)

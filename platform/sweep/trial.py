@@ -4,9 +4,11 @@ and, for a multi-worker trial, the Ray Train worker's loop (`worker_loop`, in ea
 A one-worker trial runs `train_loop` inside the Tune function on a one-rank process group
 (`resources.inline_single_worker`), which saves starting a Train controller and a worker process
 per trial. Otherwise the function runs a `TorchTrainer` of `workers_per_trial` workers, each
-running the same `train_loop` under DeepSpeed. Every epoch the trial saves its resumable state
-and reports it as its checkpoint, so a retried trial (`FailureConfig`) and a resumed sweep
-(`Tuner.restore`) continue where they were.
+running the same `train_seed_group` under DeepSpeed. A trial is one config trained with
+``budget.seeds_per_trial`` seeds in lock-step (one seed: one model); what it reports each epoch is
+the seed mean, and every seed's resumable state goes into the one checkpoint it reports, so a
+retried trial (`FailureConfig`) and a resumed sweep (`Tuner.restore`) continue the whole group
+where it was: a group is never half run, nor run twice.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from msa.platform.sweep.cluster import TrialShape, require_run_dir
 from msa.platform.sweep.schedule import PAIR_KEY
 from msa.platform.sweep.text_inputs import DatasetRefs
 from msa.platform.tracking.runs import EpochLogger, TrialTracking, open_trial_run
-from msa.platform.training.loop import train_loop
+from msa.platform.training.loop import train_seed_group
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,10 @@ def _train_and_report(train_config: dict[str, Any], dataset_ref: list, report_ap
     if checkpoint is None:
         # An attempt stopped between writing its first best epoch and reporting a checkpoint
         # (Ctrl-C, a crash) leaves the trial's folder behind; this attempt starts over.
-        train_loop(train_config, dataset=dataset, on_epoch=report, replace_stale_out=True)
+        train_seed_group(train_config, dataset=dataset, on_epoch=report, replace_stale_out=True)
     else:
         with checkpoint.as_directory() as folder:
-            train_loop(train_config, dataset=dataset, on_epoch=report, resume_from=Path(folder))
+            train_seed_group(train_config, dataset=dataset, on_epoch=report, resume_from=Path(folder))
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """The MLflow model registry side: checkpoints as pyfunc models, registration, listing, loading.
 
 A registered model ``msa-<model>-<dataset>`` is an MLflow pyfunc whose artifacts are one
-checkpoint folder (weights + resolved config). Its signature is tensor based: per modality a
+checkpoint folder (weights + resolved config), or a seed group's folders, one per seed, whose
+mean it predicts. Its signature is tensor based: per modality a
 float32 ``(-1, T, d)`` array named after the modality and an int64 ``(-1,)`` array named
 ``<modality>_lengths``; the output is ``(-1,)`` scores (regression) or ``(-1, C)`` class
 probabilities. A model with a text encoder takes ``raw_text`` instead of the text features and
@@ -42,7 +43,7 @@ from msa.platform.core.errors import MsaError
 from msa.platform.core.spec import DataSpec
 from msa.platform.data.text import encode_texts, load_tokenizer
 from msa.platform.tracking.client import client
-from msa.platform.training.checkpoint import Checkpoint
+from msa.platform.training.checkpoint import Checkpoint, SeedGroup
 from msa.platform.training.config import TextEncoderConfig
 from msa.platform.training.predict import predict
 from msa.platform.training.text_encoder import TextEncoderModel, frozen_layers, load_encoder, prefix_states
@@ -57,16 +58,27 @@ def registered_name(model: str, dataset: str) -> str:
 
 
 class CheckpointModel(untyped_python_model()):
-    """A trained checkpoint folder as a pyfunc: ``predict({modality: (N,T,d), modality_lengths: (N,)})``.
-
-    Its signature (not type hints) describes the input, which MLflow enforces before `predict`."""
+    """A trained checkpoint folder, or a seed group's, as a pyfunc:
+    ``predict({modality: (N,T,d), modality_lengths: (N,)})``; a seed group predicts its seeds'
+    mean. Its signature (not type hints) describes the input, which MLflow enforces before
+    `predict`."""
 
     def load_context(self, context) -> None:
-        self.checkpoint = LoadedCheckpoint(Path(context.artifacts["checkpoint"]))
+        # One artifact "checkpoint", or one "checkpoint_seed<k>" per seed of a group.
+        self.checkpoints = [LoadedCheckpoint(Path(path)) for key, path in context.artifacts.items()
+                            if key == "checkpoint" or key.startswith("checkpoint_seed")]
 
     def predict(self, context, model_input, params=None):
         # MLflow has enforced the signature (names, dtypes, shapes) before this is called.
-        return self.checkpoint.predict(model_input)
+        return mean_prediction(self.checkpoints, model_input)
+
+
+def mean_prediction(checkpoints: list["LoadedCheckpoint"], inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The checkpoints' mean prediction (a seed group's, or an ensemble member's K fold models');
+    one checkpoint's own, unchanged."""
+    if len(checkpoints) == 1:
+        return checkpoints[0].predict(inputs)
+    return np.mean([checkpoint.predict(inputs) for checkpoint in checkpoints], axis=0)
 
 
 class LoadedCheckpoint:
@@ -178,16 +190,22 @@ def spec_from_signature(signature):
 
 
 def register_checkpoint(uri: str, run_id: str, folder: Path, name: str, tags: dict[str, str]) -> str:
-    """Log `folder` as a pyfunc model of run `run_id`, register it as `name`, move `champion` to it.
+    """Log `folder` (a checkpoint, or a seed group: every seed's) as a pyfunc model of run
+    `run_id`, register it as `name`, move `champion` to it.
 
     A run already registered under `name` (a resumed sweep) is not registered twice. Returns the version.
 
     Raises:
         MsaError: the weights do not match the SHA-256 the trial recorded (nothing is registered)."""
-    checkpoint = Checkpoint(folder)
-    checkpoint.verified_weights(f"registering {name}")
-    return register_pyfunc(uri, run_id, name, tags, python_model=CheckpointModel(),
-                           artifacts={"checkpoint": str(folder)}, signature=checkpoint_signature(checkpoint))
+    group = SeedGroup(folder)
+    for checkpoint in group.checkpoints:
+        checkpoint.verified_weights(f"registering {name}")
+    if len(group.checkpoints) == 1:
+        artifacts = {"checkpoint": str(folder)}
+    else:
+        artifacts = {f"checkpoint_seed{seed}": str(c.folder) for seed, c in zip(group.seeds, group.checkpoints)}
+    return register_pyfunc(uri, run_id, name, tags, python_model=CheckpointModel(), artifacts=artifacts,
+                           signature=checkpoint_signature(group.first))
 
 
 def checkpoint_signature(checkpoint: Checkpoint) -> ModelSignature:
@@ -273,13 +291,22 @@ def list_registered(tracking_uri: str) -> list[dict[str, Any]]:
             tags = version.tags or {}
             rows.append({
                 "name": model.name, "version": int(version.version), "aliases": ",".join(aliases.get(str(version.version), [])),
-                "valid": {k.removeprefix("valid_"): float(v) for k, v in tags.items() if k.startswith("valid_")},
-                "test": {k.removeprefix("test_"): float(v) for k, v in tags.items() if k.startswith("test_")},
+                "valid": {k.removeprefix("valid_"): _tag_number(v) for k, v in tags.items() if k.startswith("valid_")},
+                "test": {k.removeprefix("test_"): _tag_number(v) for k, v in tags.items() if k.startswith("test_")},
+                "seeds": tags.get("seeds", ""),
                 "run_id": version.run_id, "sweep": tags.get("msa.sweep", ""),
                 "selection_metric": tags.get("selection_metric", ""),
                 "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(version.creation_timestamp / 1000)),
             })
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))
+
+
+def _tag_number(text: str) -> float | None:
+    """A metric recorded as a version tag (``None`` where it was undefined)."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def predict_splits(model, dataset, splits: list[str], *, what: str) -> dict[str, np.ndarray]:

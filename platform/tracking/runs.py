@@ -38,7 +38,7 @@ from msa.platform.tracking.client import (
     log_params,
 )
 from msa.platform.tracking.plots import learning_curves
-from msa.platform.training.checkpoint import Checkpoint
+from msa.platform.training.checkpoint import SeedGroup
 from msa.platform.training.config import resolve_config
 
 
@@ -68,7 +68,9 @@ def open_trial_run(tracking: TrialTracking, trial_id: str, train_config: dict[st
     """The trial's run: created with params, tags and dataset inputs on its first attempt, found
     again (by Ray trial id) on a retry or a resumed sweep, where nothing is re-logged."""
     mlflow_client = client(tracking.uri)
-    tags = {**tracking.tags, **environment_tags(), "seed": str(train_config.get("seed", "")), ROLE_TAG: "trial"}
+    seed, count = int(train_config.get("seed", 0)), int(train_config.get("seeds", 1))
+    tags = {**tracking.tags, **environment_tags(), "seed": str(seed), ROLE_TAG: "trial",
+            "seeds": ",".join(str(seed + offset) for offset in range(count))}
     run_id, created = find_or_create_run(
         mlflow_client, tracking.experiment_id, {TRIAL_TAG: trial_id, PAIR_TAG: tracking.pair},
         name=trial_id, tags=tags, parent_run_id=tracking.study_run_id,
@@ -118,22 +120,31 @@ class EpochLogger:
 
 def log_trial_outcome(mlflow_client, run_id: str, folder: Path, state: str) -> None:
     """After a trial ends: its selected checkpoint's test (and valid) metrics, the checkpoint
-    files and the learning curves; then the run is closed (FAILED for a failed trial)."""
-    checkpoint = Checkpoint(folder)
-    if checkpoint.exists():
-        stored = checkpoint.metrics
-        selected = {f"test_{k}": v for k, v in stored["test"].items()}
-        selected.update({f"selected_valid_{k}": v for k, v in stored["valid"].items()})
-        selected["best_epoch"] = stored["best_epoch"]
+    files and the learning curves; then the run is closed (FAILED for a failed trial). For a
+    seed group the metrics are seed means, with their spread (``_sd``) and each seed's own
+    (``seed<k>_test_<metric>``) beside them."""
+    group = SeedGroup(folder)
+    if group.exists():
+        checkpoints = group.checkpoints
+        selected = {f"test_{k}": v for k, v in group.mean("test").items()}
+        selected.update({f"selected_valid_{k}": v for k, v in group.mean("valid").items()})
+        selected["best_epoch"] = sum(c.metrics["best_epoch"] for c in checkpoints) / len(checkpoints)
+        if len(checkpoints) > 1:
+            selected.update({f"test_{k}_sd": v for k, v in group.sd("test").items()})
+            selected.update({f"selected_valid_{k}_sd": v for k, v in group.sd("valid").items()})
+            for seed, scores in zip(group.seeds, group.scores("test")):
+                selected.update({f"seed{seed}_test_{k}": v for k, v in scores.items()})
         # Everything below is idempotent but these points: a close cut short (a killed driver) is redone.
         if "best_epoch" not in mlflow_client.get_run(run_id).data.metrics:
             log_metrics(mlflow_client, run_id, {k: (math.nan if v is None else v) for k, v in selected.items()})
-        mlflow_client.set_tag(run_id, "weights_sha256", stored["weights_sha256"])
-        for path in checkpoint.files():
-            mlflow_client.log_artifact(run_id, str(path))
+        mlflow_client.set_tag(run_id, "weights_sha256", ",".join(c.metrics["weights_sha256"] for c in checkpoints))
+        for checkpoint in checkpoints:
+            within = None if checkpoint.folder == group.folder else checkpoint.folder.name
+            for path in checkpoint.files():
+                mlflow_client.log_artifact(run_id, str(path), artifact_path=within)
         mlflow_client.log_artifacts(run_id, str(folder), artifact_path="checkpoint")
         with tempfile.TemporaryDirectory() as scratch:
-            plot = learning_curves(_epoch_curves(mlflow_client, run_id), checkpoint.selection_metric,
+            plot = learning_curves(_epoch_curves(mlflow_client, run_id), group.selection_metric,
                                    Path(scratch) / "learning_curves.png")
             mlflow_client.log_artifact(run_id, str(plot), artifact_path="plots")
     mlflow_client.set_tag(run_id, STATE_TAG, state)  # last: the mark of a complete close

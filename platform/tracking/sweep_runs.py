@@ -33,7 +33,7 @@ from msa.platform.tracking.client import (
 from msa.platform.tracking.plots import optimization_history, param_importances
 from msa.platform.tracking.registry import register_checkpoint, registered_name
 from msa.platform.tracking.runs import TrialTracking, log_trial_outcome
-from msa.platform.training.checkpoint import Checkpoint
+from msa.platform.training.checkpoint import SeedGroup
 
 STUDY_CLOSED_TAG = "msa.study_closed"  # "true" once `close_study` has run: a resumed sweep leaves it closed
 STUDY_OUTCOMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
@@ -130,16 +130,22 @@ class SweepTracking:
     def _register_best(self, tracking: TrialTracking, folder: Path) -> None:
         best_trial = folder.name
         (trial_run,) = find_runs(self.client, self.experiment_id, {TRIAL_TAG: best_trial, PAIR_TAG: tracking.pair})
-        stored = Checkpoint(folder).metrics
+        group = SeedGroup(folder)
         name = registered_name(tracking.tags["model"], tracking.tags["dataset"])
         version_tags = {
             "msa.run_id": trial_run.info.run_id, "msa.study_run_id": tracking.study_run_id,
             "msa.sweep_run_id": self.sweep_run_id, "msa.sweep": self.run_dir.name, RUN_DIR_TAG: str(self.run_dir.root),
-            "msa.experiment_id": self.experiment_id, TRIAL_TAG: best_trial, "selection_metric": stored["selection_metric"],
-            "dataset_fingerprint": tracking.dataset_fingerprint, "weights_sha256": stored["weights_sha256"],
-            **{f"valid_{k}": str(v) for k, v in stored["valid"].items()},
-            **{f"test_{k}": str(v) for k, v in stored["test"].items()},
+            "msa.experiment_id": self.experiment_id, TRIAL_TAG: best_trial, "selection_metric": group.selection_metric,
+            "dataset_fingerprint": tracking.dataset_fingerprint, "seeds": ",".join(map(str, group.seeds)),
+            "weights_sha256": ",".join(c.metrics["weights_sha256"] for c in group.checkpoints),
+            # a seed group's scores are its seed means, their spread beside them
+            **{f"valid_{k}": str(v) for k, v in group.mean("valid").items()},
+            **{f"test_{k}": str(v) for k, v in group.mean("test").items()},
+            **({f"sd_valid_{k}": str(v) for k, v in group.sd("valid").items()} if len(group.seeds) > 1 else {}),
+            **({f"sd_test_{k}": str(v) for k, v in group.sd("test").items()} if len(group.seeds) > 1 else {}),
         }
         version = register_checkpoint(self.uri, trial_run.info.run_id, folder, name, version_tags)
         self.client.set_tag(tracking.study_run_id, "registered_model", f"{name}/{version}")
-        print(f"[{tracking.pair}] registered {name} version {version} (alias champion) from trial {best_trial}", flush=True)
+        seeds = f" ({len(group.seeds)} seeds)" if len(group.seeds) > 1 else ""
+        print(f"[{tracking.pair}] registered {name} version {version} (alias champion) from trial {best_trial}{seeds}",
+              flush=True)

@@ -15,6 +15,10 @@ every ensemble retraining write):
                                   (its fine-tuned weights are in model.pt), each file's SHA-256 in
                                   metrics.json, checked on load like the weights
 
+A seed group (``seeds`` > 1) is a folder of such folders, ``seed-<k>/`` per seed, each
+recording the group's seeds in its metrics.json (``seed_group``); `SeedGroup` reads a trial's
+folder either way.
+
 Rank 0 of a training run writes it (`CheckpointWriter`, in whichever process trains); every
 reader (the registry, the tracking of a finished trial, the sweep summary, the ensembles) goes
 through `Checkpoint`.
@@ -48,6 +52,12 @@ METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 PREDICTED_SPLITS = ("valid", "test")
 TEXT_ENCODER_DIR = "text_encoder"
+SEED_FOLDER_PREFIX = "seed-"
+
+
+def seed_folder(group_folder: Path, seed: int) -> Path:
+    """Where a seed group keeps one seed's checkpoint (and, in a trial's state, its resumable state)."""
+    return Path(group_folder) / f"{SEED_FOLDER_PREFIX}{seed}"
 
 
 def predictions_file(split: str) -> str:
@@ -191,6 +201,63 @@ class Checkpoint:
         return [self.folder / name for name in (CONFIG_FILE, *map(predictions_file, PREDICTED_SPLITS))]
 
 
+class SeedGroup:
+    """A trial's folder read as the seed group it holds: one checkpoint (the folder itself, for
+    ``seeds`` = 1) or one per seed (its ``seed-<k>/`` folders, by seed). Its scores are the seed
+    means; the group's prediction is its seeds' mean prediction."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    @functools.cached_property
+    def checkpoints(self) -> list[Checkpoint]:
+        prefix = SEED_FOLDER_PREFIX
+        seeds = [path for path in self.folder.glob(f"{prefix}*") if path.name[len(prefix):].isdigit()]
+        if not seeds or Checkpoint(self.folder).exists():
+            return [Checkpoint(self.folder)]
+        return [Checkpoint(path) for path in sorted(seeds, key=lambda path: int(path.name[len(prefix):]))]
+
+    def exists(self) -> bool:
+        """Every seed of the group has a complete best epoch."""
+        if not all(checkpoint.exists() for checkpoint in self.checkpoints):
+            return False
+        expected = self.checkpoints[0].metrics.get("seed_group")
+        return expected is None or [c.metrics["seed"] for c in self.checkpoints] == list(expected)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [int(checkpoint.metrics["seed"]) for checkpoint in self.checkpoints]
+
+    @property
+    def first(self) -> Checkpoint:
+        """The group's first seed: its config, spec and data are every seed's."""
+        return self.checkpoints[0]
+
+    @property
+    def selection_metric(self) -> str:
+        return self.first.selection_metric
+
+    def scores(self, split: str) -> list[dict[str, float | None]]:
+        """Each seed's metrics on `split` (``valid`` or ``test``) at its selected epoch."""
+        return [checkpoint.metrics[split] for checkpoint in self.checkpoints]
+
+    def mean(self, split: str) -> dict[str, float | None]:
+        """The seed mean of each metric on `split` (None where a seed's is undefined)."""
+        return {metric: _mean([scores.get(metric) for scores in self.scores(split)]) for metric in self.scores(split)[0]}
+
+    def sd(self, split: str) -> dict[str, float | None]:
+        """The seeds' sample standard deviation of each metric on `split` (0 for one seed)."""
+        out = {}
+        for metric in self.scores(split)[0]:
+            values = [scores.get(metric) for scores in self.scores(split)]
+            out[metric] = None if None in values else float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if None in values else float(np.mean(values))
+
+
 def write_predictions(path: Path, split: Split, prediction: np.ndarray, class_names: tuple[str, ...]) -> None:
     header, rows = prediction_table(split, prediction, class_names)
     with path.open("w", newline="") as handle:
@@ -211,10 +278,13 @@ class CheckpointWriter:
     atomically (built in a hidden sibling, then swapped in), so the folder always holds one
     complete best epoch, even if the run is stopped or killed later."""
 
-    def __init__(self, out_dir: Path, config, model_config, dataset: FeatureSet, *, text_encoder=None):
+    def __init__(self, out_dir: Path, config, model_config, dataset: FeatureSet, *, text_encoder=None,
+                 seed_group: list[int] | None = None):
         """`text_encoder`: the `EncoderInfo` of the model's encoder, whose config and tokenizer
-        files each published folder keeps."""
+        files each published folder keeps; `seed_group`: every seed of the group this run
+        belongs to (recorded, so a reader knows when the group is whole)."""
         self.out_dir, self.config, self.dataset, self.text_encoder = out_dir, config, dataset, text_encoder
+        self.seed_group = seed_group
         spec = dataset.spec
         self.resolved = {
             **to_plain(config),
@@ -255,6 +325,8 @@ class CheckpointWriter:
             }
             if encoder_record is not None:
                 metrics["text_encoder"] = encoder_record
+            if self.seed_group is not None:
+                metrics["seed_group"] = self.seed_group
             (staging / METRICS_FILE).write_text(json.dumps(finite_or_none(metrics), indent=2))
             _swap_in(staging, self.out_dir)
         except BaseException:

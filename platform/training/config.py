@@ -15,7 +15,7 @@ from msa.platform.core.errors import MsaError
 # Train-config keys a sweep sets for every trial (from its budget, search, deepspeed sections
 # and the trial's folder): neither its `train:` section nor a search space may name them, or
 # Tune would merge the value over the sweep's own.
-SWEEP_OWNED = ("model", "data", "out", "seed", "epochs", "selection_metric", "zero_stage", "precision")
+SWEEP_OWNED = ("model", "data", "out", "seed", "seeds", "epochs", "selection_metric", "zero_stage", "precision")
 
 
 @dataclass
@@ -55,6 +55,9 @@ class TrainConfig:
         data: path of the dataset (npz, MMSA pickle or MIntRec folder).
         out: output folder for the checkpoint; must not exist yet ("" picks one under runs/train).
         seed: seeds model initialisation and batch order; same seed, same result on CPU.
+        seeds: n > 1 trains a seed group: the config with seeds ``seed`` .. ``seed + n - 1``, in
+            lock-step epoch by epoch, each into ``out/seed-<seed>/`` (`train_seed_group`); each
+            seed's run is the one ``seeds=1`` with that seed gives.
         epochs: maximum number of epochs.
         batch_size: micro-batch per worker.
         lr, weight_decay: AdamW settings.
@@ -72,13 +75,15 @@ class TrainConfig:
         inject_fault: reliability testing only (RELIABILITY.md): ``raise`` makes every rank
             raise, ``kill`` makes the last rank SIGKILL its own process, at the start of epoch
             ``inject_fault_epoch`` of an attempt that did not resume from a checkpoint (so a
-            retry from the last checkpoint goes past it). ``none`` in real runs.
+            retry from the last checkpoint goes past it); in a seed group, only in its last
+            seed's epoch. ``none`` in real runs.
     """
 
     model: str = "baseline"
     data: str = ""
     out: str = ""
     seed: int = 0
+    seeds: int = 1
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
@@ -101,7 +106,7 @@ def resolve_config(config: TrainConfig | dict[str, Any], *, where: str = "train 
     if isinstance(config, dict):
         config = build_dataclass(TrainConfig, config, where=where)
     get_entry(config.model)
-    for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 1), ("inject_fault_epoch", 1)):
+    for name, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("patience", 1), ("inject_fault_epoch", 1)):
         if getattr(config, name) < low:
             raise MsaError(f"train config: {name} must be >= {low}, got {getattr(config, name)}")
     if config.lr <= 0:

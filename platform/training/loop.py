@@ -7,7 +7,9 @@ one, `text_encoder.py`), wraps it with `deepspeed.initialize` (ZeRO stage and
 precision from the config; gloo and fp32 on CPU, NCCL and bf16 on GPU), trains with early
 stopping on a **valid** metric, and keeps the best epoch in a checkpoint folder
 (`checkpoint.py`). Test is predicted only for epochs that improve valid and is never used to
-choose anything.
+choose anything. `train_seed_group` trains one config with several seeds in lock-step (a sweep's
+``budget.seeds_per_trial``), each seed exactly as it would train alone; one run's engine, state
+and epoch are `run.py`'s.
 """
 from __future__ import annotations
 
@@ -16,40 +18,25 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from msa.models.registry import build_model, get_entry
+from msa.models.registry import get_entry
 from msa.platform.core.errors import MsaError
-from msa.platform.core.metrics import DEFAULT_SELECTION_METRIC, SUITE_METRICS, compute_metrics, is_better
+from msa.platform.core.metrics import DEFAULT_SELECTION_METRIC, SUITE_METRICS
 from msa.platform.data.features import FeatureSet
 from msa.platform.data.readers import load_dataset
-from msa.platform.data.text import resolve_encoder
-from msa.platform.training.checkpoint import CheckpointWriter
+from msa.platform.training.checkpoint import CheckpointWriter, seed_folder
 from msa.platform.training.config import TrainConfig, resolve_config
-from msa.platform.training.engine import (
-    deepspeed_config,
-    ensure_process_group,
-    full_state_dict,
-    import_deepspeed,
-    resolve_precision,
-    seed_everything,
-)
-from msa.platform.training.predict import SplitTensors, predict, task_loss
-from msa.platform.training.text_encoder import (
-    TextEncoderModel,
-    encoder_inputs,
-    frozen_layers,
-    load_encoder,
-    parameter_groups,
-)
+from msa.platform.training.engine import resolve_precision
+from msa.platform.training.run import LoopState, Run, load_state, rng_state, save_state, set_rng_state
+from msa.platform.training.text_encoder import encoder_inputs
 
-LOOP_STATE_FILE = "loop_state.pt"
-ENGINE_TAG = "state"
 KILL_DELAY_S = 4.0  # see _inject_fault
 
 
@@ -66,49 +53,8 @@ class TrainResult:
     weights_sha256: str
 
 
-class NonFiniteLossError(MsaError):
-    """The training loss became NaN or infinite."""
-
-
 class InjectedFault(RuntimeError):
     """Raised by ``inject_fault: raise`` (reliability tests and the soak benchmark)."""
-
-
-@dataclass
-class LoopState:
-    """Where a run stands after an epoch; saved with the engine state so a trial can resume."""
-
-    epoch: int = 0
-    best_score: float | None = None
-    best_epoch: int = 0
-    best_valid: dict[str, float] = field(default_factory=dict)
-    best_test: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-def _has_frozen_parameters(engine) -> bool:
-    """Frozen parameters (a text encoder's frozen layers) are rebuilt from the pretrained weights
-    when a run starts, so a resumable state need not hold them (with MiniLM: most of its size)."""
-    return any(not p.requires_grad for p in engine.module.parameters())
-
-
-def save_state(directory: Path, engine, state: LoopState, order: torch.Generator) -> None:
-    """Write everything a resumed run needs into `directory` (collective: every rank calls it)."""
-    engine.save_checkpoint(str(directory), tag=ENGINE_TAG, exclude_frozen_parameters=_has_frozen_parameters(engine))
-    if torch.distributed.get_rank() == 0:
-        payload = {**dataclasses.asdict(state), "order": order.get_state(), "torch_rng": torch.get_rng_state()}
-        torch.save(payload, directory / LOOP_STATE_FILE)
-
-
-def load_state(directory: Path, engine, order: torch.Generator) -> LoopState:
-    """Restore engine, batch order, RNG and loop state saved by `save_state`."""
-    if not (directory / LOOP_STATE_FILE).is_file():
-        raise MsaError(f"{directory}: not a resumable training state ({LOOP_STATE_FILE} missing)")
-    engine.load_checkpoint(str(directory), tag=ENGINE_TAG, load_module_strict=not _has_frozen_parameters(engine))
-    payload = torch.load(directory / LOOP_STATE_FILE, weights_only=True)
-    order.set_state(payload.pop("order"))
-    torch.set_rng_state(payload.pop("torch_rng"))
-    return LoopState(**payload)
 
 
 def prepare_run(config: TrainConfig | dict[str, Any], dataset: FeatureSet | None = None) -> tuple[TrainConfig, FeatureSet]:
@@ -147,7 +93,8 @@ def train_loop(
     """Train one model with DeepSpeed; its checkpoint folder always holds the best epoch so far.
 
     Args:
-        config: a `TrainConfig` or a mapping of its fields.
+        config: a `TrainConfig` or a mapping of its fields (``seeds`` must be 1; see
+            `train_seed_group`).
         dataset: an already-loaded dataset (a sweep shares one); read from ``config.data`` if None.
         on_epoch: called after each epoch with that epoch's record (losses, valid metrics,
             ``best_valid_<metric>``, ``final`` = 1.0 on the run's natural last epoch) and a
@@ -166,126 +113,147 @@ def train_loop(
     Raises:
         MsaError: bad config or data, an existing output folder, or a NaN/inf training loss.
     """
+    config = resolve_config(config)
+    if config.seeds != 1:
+        raise MsaError(f"train config: seeds={config.seeds} trains a seed group; train_loop trains one model")
+    (result,) = train_seed_group(config, dataset=dataset, on_epoch=on_epoch, resume_from=resume_from,
+                                 replace_stale_out=replace_stale_out, keep_last_epoch=keep_last_epoch)
+    return result
+
+
+def train_seed_group(
+    config: TrainConfig | dict[str, Any],
+    *,
+    dataset: FeatureSet | None = None,
+    on_epoch: Callable[[dict[str, float], Callable[[Path], None]], None] | None = None,
+    resume_from: Path | None = None,
+    replace_stale_out: bool = False,
+    keep_last_epoch: bool = False,
+) -> list[TrainResult]:
+    """Train the config with each of its ``seeds`` seeds (``seed``, ``seed + 1``, ...), in
+    lock-step: every epoch, each seed still training trains one epoch, then `on_epoch` gets the
+    group's record (`group_record`: the seed mean of ``best_valid_<metric>``, each seed's own
+    values beside it) and a function that saves every seed's resumable state (``seed-<k>/``
+    inside the folder). Each seed keeps its own early stopping, checkpoint folder
+    (``out/seed-<k>/``), batch order and torch RNG stream, so its run is exactly the one
+    ``seeds=1`` with that seed trains. With one seed this is `train_loop` (its folder is ``out``).
+    Arguments as for `train_loop`; returns one result per seed.
+    """
     config, dataset = prepare_run(config, dataset)
     out_dir = Path(config.out or default_out_dir(config, dataset))
     if out_dir.exists() and resume_from is None and not replace_stale_out:
         raise MsaError(f"output folder {out_dir} already exists; choose another --out")
-    run = _Run(config, dataset, out_dir)
-    state = load_state(Path(resume_from), run.engine, run.order) if resume_from is not None else LoopState()
-    if run.rank == 0 and resume_from is None and replace_stale_out and out_dir.exists():
-        shutil.rmtree(out_dir)
-    writer = (CheckpointWriter(out_dir, config, run.engine.module.config, dataset, text_encoder=run.text_encoder)
-              if run.rank == 0 else None)
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        if config.inject_fault != "none" and epoch == config.inject_fault_epoch and resume_from is None:
-            _inject_fault(config.inject_fault, epoch, run.rank, run.world)
-        record = run.epoch(epoch, state, writer, keep_last_epoch)
-        state.history.append(record)
-        state.epoch = epoch
+    seeds = [config.seed + offset for offset in range(config.seeds)]
+    grouped = len(seeds) > 1
+    runs: list[_SeedRun] = []
+    for seed in seeds:
+        seed_config = dataclasses.replace(config, seed=seed, seeds=1,
+                                          out=str(seed_folder(out_dir, seed) if grouped else out_dir))
+        resume = None if resume_from is None else seed_folder(Path(resume_from), seed) if grouped else Path(resume_from)
+        runs.append(_SeedRun(seed_config, dataset, seeds if grouped else None, resume, replace_stale_out,
+                             splits=runs[0].run.splits if runs else None))
+
+    def save_all(directory: Path) -> None:
+        for run in runs:
+            folder = seed_folder(Path(directory), run.config.seed) if grouped else Path(directory)
+            folder.mkdir(parents=True, exist_ok=True)
+            run.save(folder)
+
+    for epoch in range(max(run.state.epoch for run in runs) + 1, config.epochs + 1):
+        records = {}
+        for run in runs:
+            if not run.finished:
+                fault = config.inject_fault != "none" and epoch == config.inject_fault_epoch and resume_from is None
+                records[run.config.seed] = run.step(epoch, keep_last_epoch, fault and run is runs[-1])
         if on_epoch is not None:
-            on_epoch(record, lambda directory: save_state(Path(directory), run.engine, state, run.order))
-        if record["final"]:
+            on_epoch(group_record(epoch, records, runs, config.selection_metric), save_all)
+        if all(run.finished for run in runs):
             break
-    if state.best_score is None:
-        raise MsaError(f"valid {config.selection_metric} was NaN in every epoch; nothing to select")
-    if writer is not None:
-        writer.write_history(state.history)
-    return TrainResult(
-        out_dir=out_dir, best_epoch=state.best_epoch, selection_metric=config.selection_metric,
-        valid_metrics=state.best_valid, test_metrics=state.best_test, history=state.history,
-        weights_sha256=writer.weights_sha256 if writer is not None else "",
-    )
+    return [run.result() for run in runs]
 
 
-class _Run:
-    """One run's DeepSpeed engine, device tensors and batch order, and its epoch."""
+def group_record(epoch: int, records: dict[int, dict[str, float]], runs: list["_SeedRun"], selection: str) -> dict[str, float]:
+    """The epoch's record of a seed group: what Tune, ASHA and Optuna read. One seed: its own
+    record. Several: ``best_valid_<metric>`` is the mean over the seeds of each one's best so far
+    (a seed that stopped early counts with its final best) and ``best_valid_<metric>_sd`` their
+    spread; losses, valid metrics and seconds are over the seeds that trained this epoch (means;
+    seconds summed); ``final`` once every seed has finished; and ``seed<k>_...`` keeps each seed's
+    best, valid score and training loss visible."""
+    if len(runs) == 1:
+        return next(iter(records.values()))
+    best_key = f"best_valid_{selection}"
+    bests = {run.config.seed: run.state.best_score for run in runs}
+    finite = [value for value in bests.values() if value is not None and math.isfinite(value)]
+    record: dict[str, float] = {"epoch": epoch}
+    for key in records[next(iter(records))]:
+        if key.startswith(("train_", "valid_")):
+            record[key] = sum(r[key] for r in records.values()) / len(records)
+    record[best_key] = sum(finite) / len(finite) if finite else math.nan
+    record[f"{best_key}_sd"] = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    record["improved"] = float(any(r["improved"] for r in records.values()))
+    record["final"] = float(all(run.finished for run in runs))
+    record["seeds_training"] = float(len(records))
+    for key in ("training_seconds", "epoch_seconds"):
+        record[key] = sum(r[key] for r in records.values())
+    for seed, best in bests.items():
+        record[f"seed{seed}_{best_key}"] = math.nan if best is None else best
+        if seed in records:
+            record[f"seed{seed}_valid_{selection}"] = records[seed][f"valid_{selection}"]
+            record[f"seed{seed}_train_loss"] = records[seed]["train_loss"]
+    return record
 
-    def __init__(self, config: TrainConfig, dataset: FeatureSet, out_dir: Path):
-        self.config, self.dataset = config, dataset
-        use_cuda = torch.cuda.is_available()
-        deepspeed = import_deepspeed(use_cuda)
-        ensure_process_group(deepspeed, use_cuda)
-        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-        self.device = device
-        seed_everything(config.seed)
-        model = build_model(config.model, dataset.spec, config.model_config)
-        encoder = config.text_encoder
-        self.text_encoder = resolve_encoder(encoder.path) if encoder.path else None
-        if self.text_encoder is not None:
-            model = TextEncoderModel(load_encoder(self.text_encoder.folder), model,
-                                     frozen_layers(encoder, self.text_encoder.depth),
-                                     gradient_checkpointing=encoder.gradient_checkpointing)
-        optimizer = torch.optim.AdamW(parameter_groups(model, config.lr, config.weight_decay, encoder))
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(config, config.precision)
-        )
-        if self.world == 1 and config.zero_stage == 0:
-            # One rank without ZeRO: the gradient all-reduce after each backward is an identity that
-            # still flattens and copies every gradient (about 6% of a TFN step on CPU).
-            self.engine.enable_backward_allreduce = False
-        dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-        self.splits = {name: SplitTensors(split, device, dtype, dataset.task) for name, split in dataset.splits.items()}
-        self.order = torch.Generator().manual_seed(config.seed)
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over this rank's share of train; the mean of every loss term."""
-        config, train = self.config, self.splits["train"]
-        self.engine.train()
-        sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
-        steps = 0
-        permutation = torch.randperm(train.size, generator=self.order)[self.rank::self.world].to(self.device)
-        for start in range(0, len(permutation), config.batch_size):
-            features, lengths, labels = train.batch(permutation[start : start + config.batch_size])
-            output = self.engine(features, lengths, labels)
-            loss = task_loss(output.prediction, labels, self.dataset.task, config.regression_loss)
-            terms = {"task_loss": loss.detach()}
-            for name, value in output.aux_losses.items():
-                loss = loss + self.engine.module.loss_weights[name] * value.float()
-                terms[name] = value.detach().float()
-            terms["loss"] = loss.detach()
-            self.engine.backward(loss)
-            self.engine.step()
-            for name, value in terms.items():
-                sums[name] = sums[name] + value if name in sums else value
-            steps += 1
-        means = {name: float(total) / max(steps, 1) for name, total in sums.items()}  # float(): syncs the device
-        if not math.isfinite(means.get("loss", 0.0)):
-            raise NonFiniteLossError(
-                f"training loss became {means['loss']} in epoch {epoch}; lower lr or check the data"
-            )
-        return means
+class _SeedRun:
+    """One seed of a training run: its engine (`Run`), loop state, checkpoint writer and its own
+    torch RNG stream, swapped in for its steps (dropout draws from the global generator, and
+    the seeds of a group take turns in one process)."""
 
-    def predict(self, split: str):
-        tensors = self.splits[split]
-        return predict(self.engine, tensors.features, tensors.lengths, self.dataset.task, self.config.batch_size)
+    def __init__(self, config: TrainConfig, dataset: FeatureSet, group: list[int] | None, resume_from: Path | None,
+                 replace_stale_out: bool, splits: dict | None = None):
+        """`group`: every seed of the group this run belongs to (None alone); `splits`: the
+        device tensors of the data, shared with the group's other seeds."""
+        self.config = config
+        out_dir = Path(config.out)
+        self.run = Run(config, dataset, out_dir, splits)  # seeds the global generators
+        self.rng = rng_state()
+        if resume_from is not None:
+            self.state, cpu_rng = load_state(resume_from, self.run.engine, self.run.order)
+            self.rng = (cpu_rng, self.rng[1])
+        else:
+            self.state = LoopState()
+        if self.run.rank == 0 and resume_from is None and replace_stale_out and out_dir.exists():
+            shutil.rmtree(out_dir)
+        self.writer = (CheckpointWriter(out_dir, config, self.run.engine.module.config, dataset,
+                                        text_encoder=self.run.text_encoder, seed_group=group)
+                       if self.run.rank == 0 else None)
 
-    def epoch(self, epoch: int, state: LoopState, writer: CheckpointWriter | None, keep_last_epoch: bool) -> dict[str, float]:
-        """Train, score valid, publish the checkpoint if it improved; the epoch's record."""
-        config, dataset, selection = self.config, self.dataset, self.config.selection_metric
-        started = time.perf_counter()
-        means = self.train_epoch(epoch)
-        training_seconds = time.perf_counter() - started
-        valid_pred = self.predict("valid")
-        valid_metrics = compute_metrics(dataset.metric_suite, valid_pred, dataset.splits["valid"].labels)
-        record = {"epoch": epoch, **{f"train_{k}": v for k, v in means.items()}}
-        record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
-        improved = keep_last_epoch or is_better(selection, valid_metrics[selection], state.best_score)
-        if improved:
-            test_pred = self.predict("test")
-            state.best_score, state.best_epoch, state.best_valid = valid_metrics[selection], epoch, valid_metrics
-            state.best_test = compute_metrics(dataset.metric_suite, test_pred, dataset.splits["test"].labels)
-            weights = full_state_dict(self.engine, config.zero_stage)
-            if writer is not None:
-                writer.write_best(weights, {"valid": valid_pred, "test": test_pred}, state.best_epoch,
-                                  state.best_valid, state.best_test, state.history + [record])
-        record["improved"] = float(improved)
-        record[f"best_valid_{selection}"] = state.best_score if state.best_score is not None else math.nan
-        stop = epoch == config.epochs or (not keep_last_epoch and epoch - state.best_epoch >= config.patience)
-        record["final"] = float(stop)
-        record["training_seconds"] = training_seconds  # the optimisation steps alone
-        record["epoch_seconds"] = time.perf_counter() - started  # plus valid (and test) prediction, checkpoint
+    @property
+    def finished(self) -> bool:
+        return bool(self.state.history) and bool(self.state.history[-1]["final"])
+
+    def step(self, epoch: int, keep_last_epoch: bool, inject_fault: bool) -> dict[str, float]:
+        set_rng_state(self.rng)
+        if inject_fault:
+            _inject_fault(self.config.inject_fault, epoch, self.run.rank, self.run.world)
+        record = self.run.epoch(epoch, self.state, self.writer, keep_last_epoch)
+        self.state.history.append(record)
+        self.state.epoch = epoch
+        self.rng = rng_state()
+        if record["final"] and self.writer is not None and self.state.best_score is not None:
+            self.writer.write_history(self.state.history)
         return record
+
+    def save(self, directory: Path) -> None:
+        save_state(directory, self.run.engine, self.state, self.run.order, self.rng[0])
+
+    def result(self) -> TrainResult:
+        if self.state.best_score is None:
+            raise MsaError(f"valid {self.config.selection_metric} was NaN in every epoch; nothing to select")
+        return TrainResult(
+            out_dir=Path(self.config.out), best_epoch=self.state.best_epoch, selection_metric=self.config.selection_metric,
+            valid_metrics=self.state.best_valid, test_metrics=self.state.best_test, history=self.state.history,
+            weights_sha256=self.writer.weights_sha256 if self.writer is not None else "",
+        )
 
 
 def _inject_fault(kind: str, epoch: int, rank: int, world: int) -> None:

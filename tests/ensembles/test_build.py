@@ -104,7 +104,7 @@ def test_ensembles_are_logged_and_the_best_is_registered(board, run_dir, trackin
         assert {c.data.tags["dataset"] for c in children} == set(DATASETS)
         assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
         files = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "leaderboard")}
-        assert files == {f"leaderboard/leaderboard.{ext}" for ext in ("csv", "md", "json", "html")}
+        assert files == {f"leaderboard/leaderboard.{ext}" for ext in ("csv", "md", "json", "html", "tex")}
         trial_ids = {r.info.run_id: r.data.tags[TRIAL_TAG] for r in runs if r.data.tags[ROLE_TAG] == "trial"}
         for entry in board["datasets"]:
             child = next(c for c in children if c.data.tags["dataset"] == entry["dataset"])
@@ -146,12 +146,12 @@ def read_predictions_with_split(path: Path):
             np.asarray([[float(r[c]) for c in columns] for r in rows]))
 
 
-@pytest.mark.parametrize("fmt", ["csv", "md", "json", "html"])
+@pytest.mark.parametrize("fmt", ["csv", "md", "json", "html", "latex"])
 def test_msa_leaderboard_exports_each_format(board, run_dir, tmp_path, fmt):
     out = tmp_path / f"board.{fmt}"
     assert main(["leaderboard", str(run_dir), "--format", fmt, "--out", str(out)]) == 0
     text = out.read_text()
-    assert text == (run_dir / "ensembles" / f"leaderboard.{fmt}").read_text()
+    assert text == (run_dir / "ensembles" / f"leaderboard.{'tex' if fmt == 'latex' else fmt}").read_text()
     for entry in board["datasets"]:
         assert entry["dataset"] in text
 
@@ -319,3 +319,52 @@ def test_an_ensemble_after_a_partial_sweep_uses_only_finished_trials_with_verifi
     finished = {f"{model}/{p.name}" for model in unfinished for p in (run_copy / "trials" / f"{model}-synth_regression").iterdir()
                 if p != unfinished[model][0]}
     assert members == finished
+
+
+def test_seed_groups_are_members_shown_as_mean_and_sd_and_the_seed_ensemble_adds_seeds(ray_runtime, tmp_path, capsys):
+    """A sweep of 2 trials of 2 seeds each: every trial is one member whose column is its seeds'
+    mean prediction, whose row is the seeds' mean ± sd, ranked on its seed-mean valid score;
+    the seed ensemble is the best config's 2 seeds plus the retrained ones; the out-of-fold
+    protocol retrains every seed; the registered ensemble predicts what the board scored."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "grouped", "storage": str(tmp_path / "sweeps"), "datasets": ["synth_regression"],
+        "models": ["baseline"], "budget": {"trials_per_pair": 2, "seeds_per_trial": 2, "max_epochs": 2},
+        "search": {"seed": 0, "scheduler": "none"}, "resources": {"workers_per_trial": 1, "max_concurrent_trials": 2},
+    }))
+    run_dir = run_sweep(load_sweep_config(path)).run_dir.root
+    assert main(["ensemble", str(run_dir), "--top-k", "2", "--learners", "mean,nnls", *FAST]) == 0
+    (entry,) = json.loads((run_dir / "ensembles" / "leaderboard.json").read_text())["datasets"]
+    truth = load_dataset(run_dir / "data" / "synth_regression.pkl").splits["test"].labels
+    singles = [r for r in entry["rows"] if r["stack_level"] == 0]
+    assert len(singles) == 2
+    for row in singles:
+        (folder,) = (run_dir / "trials").glob(f"baseline-*/{row['name'].split('/')[1]}")
+        seeds = [Checkpoint(folder / name) for name in ("seed-0", "seed-1")]
+        assert row["seeds"]["count"] == 2
+        assert row["valid"]["mae"] == pytest.approx(np.mean([c.metrics["valid"]["mae"] for c in seeds]))
+        assert row["test"]["mae"] == pytest.approx(np.mean([c.metrics["test"]["mae"] for c in seeds]))
+        assert row["seeds"]["test_sd"]["mae"] == pytest.approx(np.std([c.metrics["test"]["mae"] for c in seeds], ddof=1))
+    seed_row = next(r for r in entry["rows"] if r["kind"] == "seed ensemble")
+    assert seed_row["name"] == "seed ensemble (3 seeds)" and len(seed_row["members"]) == 3
+    assert seed_row["seeds"] is None
+    combiners = json.loads((run_dir / "ensembles" / "synth_regression" / "combiners.json").read_text())
+    assert [len(group) for group in combiners["mean"]["groups"]] == [2, 2]  # each member: its two seeds
+    columns = [np.mean([Checkpoint(f).predictions("test").values for f in group], axis=0)
+               for group in combiners["mean"]["groups"]]
+    mean = next(r for r in entry["rows"] if r["name"] == "mean")
+    assert compute_metrics("mosi", np.mean(columns, axis=0), truth)["mae"] == pytest.approx(mean["test"]["mae"])
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", "--model", "models:/msa-ensemble-synth_regression@champion", "--run-dir", str(run_dir),
+                 "--data", str(run_dir / "data" / "synth_regression.pkl"), "--out", str(out)]) == 0
+    best = next(r for r in entry["rows"] if r["kind"] == "ensemble")
+    with out.open(newline="") as handle:
+        predicted = [r for r in csv.DictReader(handle) if r["split"] == "test"]
+    assert compute_metrics("mosi", np.asarray([float(r["prediction"]) for r in predicted]),
+                           np.asarray([float(r["label"]) for r in predicted]))["mae"] == pytest.approx(best["test"]["mae"])
+
+    oof = tmp_path / "oof"
+    assert main(["ensemble", str(run_dir), "--top-k", "1", "--protocol", "oof", "--learners", "mean",
+                 "--out", str(oof), "--no-register", *FAST]) == 0
+    combiners = json.loads((oof / "synth_regression" / "combiners.json").read_text())
+    assert [len(group) for group in combiners["mean"]["groups"]] == [2 * 3]  # 2 seeds x 3 folds

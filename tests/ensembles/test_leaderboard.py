@@ -30,10 +30,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from msa.ensembles.board_html import chart_png, table_header
+from msa.ensembles.board_latex import paper_rows, to_latex
+from msa.ensembles.board_text import metric_label, rounded
 from msa.ensembles.leaderboard import (
     FORMATS,
     RANKING_SENTENCE,
-    chart_png,
     read_board,
     render,
     to_csv,
@@ -363,12 +365,12 @@ def test_json_writes_nan_as_null_and_is_strict_json(board):
 # --------------------------------------------------------------------------------------------
 
 
-def test_write_all_writes_four_files_atomically_and_read_board_round_trips(board, tmp_path):
+def test_write_all_writes_five_files_atomically_and_read_board_round_trips(board, tmp_path):
     folder = tmp_path / "out" / "leaderboard"
     (paths,) = write_all(board, folder)
     assert set(paths) == set(FORMATS)
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["leaderboard.csv", "leaderboard.md", "leaderboard.json", "leaderboard.html"])  # no *.partial left
+        ["leaderboard.csv", "leaderboard.md", "leaderboard.json", "leaderboard.html", "leaderboard.tex"])  # no *.partial
     for fmt, path in paths.items():
         assert path.parent == folder
         assert path.read_bytes() == render(board, fmt).encode("utf-8")  # CSV keeps its \r\n
@@ -378,8 +380,8 @@ def test_write_all_writes_four_files_atomically_and_read_board_round_trips(board
         assert render(again, fmt) == render(board, fmt)
 
     (custom,) = write_all(board, folder, stem="final")
-    assert {p.name for p in custom.values()} == {"final.csv", "final.md", "final.json", "final.html"}
-    assert len(list(folder.iterdir())) == 8
+    assert {p.name for p in custom.values()} == {"final.csv", "final.md", "final.json", "final.html", "final.tex"}
+    assert len(list(folder.iterdir())) == 10
 
 
 def test_write_all_writes_nothing_when_a_rendering_fails(tmp_path):
@@ -395,6 +397,7 @@ def test_render_dispatches_and_refuses_an_unknown_format(board):
     assert render(board, "md") == to_markdown(board)
     assert render(board, "json") == to_json(board)
     assert render(board, "html") == to_html(board)
+    assert render(board, "latex") == to_latex(board)
     with pytest.raises(MsaError) as error:
         render(board, "xlsx")
     message = str(error.value)
@@ -569,15 +572,15 @@ def test_html_renders_in_headless_chromium(board, served_board, tmp_path):
     for entry, table in zip(board["datasets"], seen["tables"]):
         assert table["bodyRows"] == len(entry["rows"])
         assert table["width"] > 0
-        sel = entry["selection_metric"]
-        assert f"valid {sel} {ARROW[entry['directions'][sel]]}" in table["headers"]
-        assert [f"test {m} {ARROW[entry['directions'][m]]}" for m in entry["metrics"]] == [
-            h for h in table["headers"] if h.startswith("test ")]
+        header = table_header(entry)
+        assert table["headers"] == header
+        test_headers = [h for h in header if h.startswith("test ")]
+        assert len(test_headers) == len(entry["metrics"])
         assert [row[1] for row in table["cells"]] == [row["name"] for row in entry["rows"]]
         for cells, row in zip(table["cells"], entry["rows"]):
             shown = dict(zip(table["headers"], cells))
-            for m in entry["metrics"]:
-                assert shown[f"test {m} {ARROW[entry['directions'][m]]}"] == fixed(row["test"][m])
+            for m, h in zip(entry["metrics"], test_headers):
+                assert shown[h] == rounded(m, row["test"][m])  # one decimal for accuracies, three for MAE
     assert ESCAPED_NAME in [row[1] for row in seen["tables"][1]["cells"]]  # escaped in the source, shown as is
 
     assert len(seen["images"]) == len(board["datasets"])
@@ -589,6 +592,143 @@ def test_html_renders_in_headless_chromium(board, served_board, tmp_path):
     assert RANKING_SENTENCE in seen["bodyText"]
     # the page fetched nothing but itself (the favicon is Chromium's own request)
     assert set(requested) - {"/favicon.ico"} == {"/check.html", "/leaderboard.html"}
+
+
+def big_board() -> dict:
+    """A real-sized board: 14 rows of MOSI metrics with the names, seed groups and
+    registrations a sweep gives (the board first seen to scroll sideways at 1400 px)."""
+    rng = random.Random(7)
+    models = ["invariant", "dbr", "fine", "tfn"]
+    rows = []
+    for number in range(9):
+        name = f"{models[number % 4]}/{rng.getrandbits(32):08x}"
+        row = make_row(rng, name, "best single" if number == 0 else "member", MOSI_METRICS, "mae", level=0,
+                       members=[(name, 1.0)], best=number == 0, mlflow=f"{rng.getrandbits(128):032x}",
+                       registered="msa-invariant-mosi_lite@12" if number == 0 else "")
+        row["seeds"] = {"count": 3, "valid_sd": {"mae": rng.uniform(0.001, 0.02)},
+                        "test_sd": {m: rng.uniform(0.001, 2.0) for m in MOSI_METRICS}}
+        rows.append(row)
+    members = [(row["name"], 1 / 9) for row in rows]
+    for learner in ("caruana", "nnls", "ridge", "mean"):
+        rows.append(make_row(rng, learner, "ensemble", MOSI_METRICS, "mae", level=1, members=members,
+                             mlflow=f"{rng.getrandbits(128):032x}",
+                             registered="msa-ensemble-mosi_lite@7" if learner == "caruana" else ""))
+    rows.append(make_row(rng, "seed ensemble (7 seeds)", "seed ensemble", MOSI_METRICS, "mae", level=1,
+                         members=[(f"{rows[0]['name']}-seed-{s}", 1 / 7) for s in range(7)]))
+    board = make_board()
+    entry = {**board["datasets"][0], "dataset": "mosi_lite", "best_single": rows[0]["name"],
+             "rows": ranked(rows, "mae", "lower")}
+    return {**board, "run_dir": "/home/user/runs/sweeps/mosi-matrix-20261202-050000", "datasets": [entry]}
+
+
+LAYOUT_CHECKER = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"></head><body style="margin:0">
+<pre id="result">pending</pre>
+<iframe id="board" src="leaderboard.html" style="width:1400px;height:1000px;border:0"></iframe>
+<script>
+const frame = document.getElementById("board");
+frame.addEventListener("load", () => {
+  const doc = frame.contentDocument;
+  const table = doc.querySelector("table");
+  const rows = Array.from(table.tBodies[0].rows);
+  document.getElementById("result").textContent = JSON.stringify({
+    viewport: doc.documentElement.clientWidth, scrollWidth: doc.documentElement.scrollWidth,
+    tableRight: table.getBoundingClientRect().right,
+    heights: rows.map(row => row.getBoundingClientRect().height),
+    kinds: rows.map(row => row.cells[2].textContent.trim()),
+    bold: rows.map(row => Array.from(row.cells).map(cell => cell.querySelector("strong") !== null)),
+    folded: rows.map(row => Array.from(row.querySelectorAll("details")).map(d => d.open)),
+  });
+});
+</script>
+</body></html>
+"""
+
+
+@needs_chromium
+def test_a_fourteen_row_board_fits_1400_px_without_scrolling_and_ensemble_rows_stay_one_line(tmp_path):
+    """Headless Chromium lays out a 14-row MOSI board (9 seed groups, 4 ensembles of all 9, a
+    seed ensemble) in a 1400 px frame: nothing overflows sideways, an ensemble's members are
+    folded so its row is as tall as a member's, and each metric column's best is in bold."""
+    board = big_board()
+    site = tmp_path / "site"
+    site.mkdir()
+    write_all(board, site)
+    (site / "check.html").write_text(LAYOUT_CHECKER, encoding="utf-8")
+    handler = type("Handler", (QuietHandler,), {"requested": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = run_chromium(tmp_path, "--virtual-time-budget=15000", "--dump-dom",
+                            f"http://127.0.0.1:{server.server_address[1]}/check.html")
+    finally:
+        server.shutdown()
+        server.server_close()
+    match = re.search(r'<pre id="result">(.*?)</pre>', done.stdout, re.DOTALL)
+    assert match and match[1] != "pending", done.stderr[-1000:]
+    seen = json.loads(html.unescape(match[1]))
+    assert 1380 <= seen["viewport"] <= 1400, seen  # the frame less its vertical scrollbar
+    assert seen["scrollWidth"] <= seen["viewport"] and seen["tableRight"] <= seen["viewport"], seen
+    member_heights = [h for h, kind in zip(seen["heights"], seen["kinds"]) if kind in ("member", "best single")]
+    other_heights = [h for h, kind in zip(seen["heights"], seen["kinds"]) if kind not in ("member", "best single")]
+    assert max(other_heights) <= 1.2 * max(member_heights), seen["heights"]
+    assert all(not any(folded) for folded in seen["folded"])  # closed until clicked
+    assert sum(len(folded) for folded in seen["folded"]) == 5  # the 4 ensembles and the seed ensemble
+    (entry,) = board["datasets"]
+    header = table_header(entry)
+    for m in entry["metrics"]:
+        column = header.index(f"test {metric_label(m)} {ARROW[entry['directions'][m]]}")
+        values = [row["test"][m] for row in entry["rows"]]
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        best = min(finite) if entry["directions"][m] == "lower" else max(finite)
+        assert [bold[column] for bold in seen["bold"]] == [v == best for v in values], m
+
+
+def test_html_rows_of_a_seed_group_show_mean_and_sd_rounded_per_metric():
+    board = big_board()
+    page = to_html(board)
+    row = next(r for r in board["datasets"][0]["rows"] if r.get("seeds"))
+    sd = row["seeds"]["test_sd"]["acc7"]
+    assert f'{rounded("acc7", row["test"]["acc7"])}<span class="sd"> ±{rounded("acc7", sd)}</span>' in page \
+        or f'<strong>{rounded("acc7", row["test"]["acc7"])}</strong><span class="sd"> ±{rounded("acc7", sd)}</span>' in page
+    assert re.search(r">\d+\.\d{4}<", page) is None  # no four-decimal number left in the page
+
+
+LATEX = shutil.which("pdflatex")
+
+
+def test_latex_is_a_booktabs_table_per_dataset_with_one_row_per_model_and_the_best_in_bold(tmp_path):
+    board = big_board()
+    text = to_latex(board)
+    (entry,) = board["datasets"]
+    assert text.count(r"\begin{table}") == text.count(r"\end{table}") == 1
+    assert text.count(r"\begin{tabular}{lccccc}") == 1  # Model, Acc-2, F1, MAE, Corr, Acc-7
+    assert [text.count(rule) for rule in (r"\toprule", r"\bottomrule")] == [1, 1]
+    body = text[text.index(r"\midrule") + len(r"\midrule"):text.index(r"\bottomrule")]
+    lines = [line for line in body.strip().splitlines() if line.strip() != r"\midrule"]
+    rows = paper_rows(entry)
+    assert len(rows) == 4 + 5  # one row per model (its best trial) and every ensemble
+    assert len(lines) == len(rows)
+    for line, row in zip(lines, rows):
+        assert line.endswith(r"\\") and line.count("&") == 5
+        cells = [cell.strip() for cell in line.removesuffix(r"\\").split("&")]
+        mae = cells[3]
+        assert mae.replace(r"\textbf{", "").split("}")[0].split("$")[0] == rounded("mae", row["test"]["mae"]).replace("−", "-")
+        if row.get("seeds"):
+            assert r"$\pm$" in mae
+    best_mae = min(r["test"]["mae"] for r in rows)
+    bold = [line for line in lines if rf"\textbf{{{rounded('mae', best_mae)}}}" in line.split("&")[3]]
+    assert len(bold) == 1
+    assert "invariant (3 seeds)" in text and "stacked ensemble (caruana)" in text
+    if LATEX is None:
+        pytest.skip("structure checked; compiling needs pdflatex (Debian texlive-latex-recommended), not installed")
+    document = tmp_path / "board.tex"
+    document.write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + text
+                        + "\\end{document}\n")
+    done = subprocess.run([LATEX, "-interaction=nonstopmode", "-halt-on-error", document.name], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert (tmp_path / "board.pdf").stat().st_size > 1000
 
 
 @needs_chromium

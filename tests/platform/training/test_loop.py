@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 
 import numpy as np
 import pytest
 import torch
 
 from msa.platform.core.errors import MsaError
-from msa.platform.training.checkpoint import Checkpoint
-from msa.platform.training.loop import NonFiniteLossError, train_loop
+from msa.platform.training.checkpoint import Checkpoint, SeedGroup
+from msa.platform.training.loop import train_loop, train_seed_group
+from msa.platform.training.run import NonFiniteLossError
 
 
 def test_same_seed_same_run_and_other_seed_differs(synth_regression_pkl, tmp_path):
@@ -125,3 +127,49 @@ def test_resumed_run_continues_exactly(synth_regression_pkl, tmp_path):
 def test_resume_from_a_folder_without_state_is_refused(synth_regression_pkl, tmp_path):
     with pytest.raises(MsaError, match="not a resumable training state"):
         train_loop({"data": str(synth_regression_pkl), "out": str(tmp_path / "run")}, resume_from=tmp_path)
+
+
+def test_a_seed_group_trains_each_seed_as_it_trains_alone(synth_regression_pkl, tmp_path):
+    """Three seeds in lock-step in one process: each seed's weights are bit for bit those of
+    `train_loop` with that seed alone (its own RNG stream and batch order), the seeds differ,
+    and the group's record is the seed mean of the best valid score."""
+    base = {"data": str(synth_regression_pkl), "epochs": 3, "patience": 10, "seed": 5, "model_config": {"dropout": 0.3}}
+    records = []
+    group = train_seed_group({**base, "seeds": 3, "out": str(tmp_path / "group")},
+                             on_epoch=lambda record, _save: records.append(record))
+    assert [r.out_dir.name for r in group] == ["seed-5", "seed-6", "seed-7"]
+    alone = [train_loop({**base, "seed": seed, "out": str(tmp_path / f"alone{seed}")}) for seed in (5, 6, 7)]
+    assert [r.weights_sha256 for r in group] == [r.weights_sha256 for r in alone]
+    assert len({r.weights_sha256 for r in group}) == 3
+    stored = SeedGroup(tmp_path / "group")
+    assert stored.exists() and stored.seeds == [5, 6, 7]
+    assert stored.checkpoints[0].metrics["seed_group"] == [5, 6, 7]
+    for record in records:
+        epoch = int(record["epoch"])
+        bests = [min(h["valid_mae"] for h in r.history[:epoch]) for r in group]
+        assert record["best_valid_mae"] == pytest.approx(statistics.mean(bests), rel=1e-12)
+        assert [record[f"seed{s}_best_valid_mae"] for s in (5, 6, 7)] == pytest.approx(bests, rel=1e-12)
+    assert records[-1]["final"] == 1.0 and records[0]["final"] == 0.0
+    assert stored.mean("valid")["mae"] == pytest.approx(records[-1]["best_valid_mae"], rel=1e-12)
+
+
+def test_a_resumed_seed_group_continues_every_seed_exactly(synth_regression_pkl, tmp_path):
+    state_dir = tmp_path / "state"
+
+    def save_at_epoch_2(record, save_state):
+        if record["epoch"] == 2:
+            save_state(state_dir)
+
+    base = {"data": str(synth_regression_pkl), "epochs": 4, "patience": 10, "seed": 0, "seeds": 2}
+    full = train_seed_group({**base, "out": str(tmp_path / "full")}, on_epoch=save_at_epoch_2)
+    assert sorted(p.name for p in state_dir.iterdir()) == ["seed-0", "seed-1"]
+    resumed = train_seed_group({**base, "out": str(tmp_path / "resumed")}, resume_from=state_dir)
+    for uninterrupted, continued in zip(full, resumed):
+        assert [h["train_loss"] for h in continued.history[2:]] == \
+            pytest.approx([h["train_loss"] for h in uninterrupted.history[2:]], rel=1e-6)
+
+
+def test_train_loop_refuses_a_seed_group(synth_regression_pkl, tmp_path):
+    with pytest.raises(MsaError, match="seeds=2 trains a seed group"):
+        train_loop({"data": str(synth_regression_pkl), "out": str(tmp_path / "run"), "seeds": 2})
+    assert not (tmp_path / "run").exists()
