@@ -291,13 +291,13 @@ def test_msa_run_sweeps_ensembles_and_exports_the_leaderboard(ray_runtime, tmp_p
     (run_dir,) = (tmp_path / "sweeps").glob("pipeline-*")
     board = json.loads((export / "leaderboard.json").read_text())
     assert board == json.loads((run_dir / "ensembles" / "leaderboard.json").read_text())
-    assert {p.name for p in export.iterdir()} == {f"leaderboard.{ext}" for ext in ("csv", "md", "json", "html")}
+    assert {p.name for p in export.iterdir()} == {f"leaderboard.{ext}" for ext in ("csv", "md", "json", "html", "tex")}
     (entry,) = board["datasets"]
     assert {r["name"] for r in entry["rows"] if r["kind"] == "ensemble"} == {"nnls", "caruana"}  # the config's learners
     assert "[synth_regression] ranked by valid mae" in printed and "msa-ensemble-synth_regression@1" in printed
     assert (run_dir / "mlflow" / "server.log").read_text().count("Uvicorn running on") == 1
     assert reads == []
-    for ext in ("csv", "md", "json", "html"):
+    for ext in ("csv", "md", "json", "html", "tex"):
         assert (export / f"leaderboard.{ext}").read_bytes() == (run_dir / "ensembles" / f"leaderboard.{ext}").read_bytes()
 
 

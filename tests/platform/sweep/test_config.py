@@ -112,7 +112,7 @@ def test_plain_form_round_trips(demo_path, tmp_path):
 BAD_CONFIGS = [
     ("unknown-top-level-key", BASE + "epochs: 3\n", [], r"unknown key 'epochs' \(known keys: budget, datasets", True),
     ("unknown-nested-key", BASE + "budget: {trial_per_pair: 3}\n", [],
-     r"key 'budget': unknown key 'trial_per_pair' \(known keys: max_epochs, time_budget_s, trials_per_pair\)", True),
+     r"key 'budget': unknown key 'trial_per_pair' \(known keys: max_epochs, seeds_per_trial, time_budget_s, trials_per_pair\)", True),
     ("wrong-type", BASE + "budget: {max_epochs: many}\n", [],
      r"key 'budget': key 'max_epochs': expected an integer, got 'many'", True),
     ("bool-for-int", BASE + "budget: {trials_per_pair: true}\n", [], r"key 'trials_per_pair': expected an integer", True),
