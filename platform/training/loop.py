@@ -160,6 +160,8 @@ def train_seed_group(
             run.save(folder)
 
     for epoch in range(max(run.state.epoch for run in runs) + 1, config.epochs + 1):
+        if all(run.finished for run in runs):  # (resumed from a state saved after its last epoch)
+            break
         records = {}
         for run in runs:
             if not run.finished:
@@ -167,8 +169,6 @@ def train_seed_group(
                 records[run.config.seed] = run.step(epoch, keep_last_epoch, fault and run is runs[-1])
         if on_epoch is not None:
             on_epoch(group_record(epoch, records, runs, config.selection_metric), save_all)
-        if all(run.finished for run in runs):
-            break
     return [run.result() for run in runs]
 
 

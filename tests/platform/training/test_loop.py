@@ -173,3 +173,16 @@ def test_train_loop_refuses_a_seed_group(synth_regression_pkl, tmp_path):
     with pytest.raises(MsaError, match="seeds=2 trains a seed group"):
         train_loop({"data": str(synth_regression_pkl), "out": str(tmp_path / "run"), "seeds": 2})
     assert not (tmp_path / "run").exists()
+
+
+def test_a_group_resumed_from_its_last_epoch_trains_nothing_more(synth_regression_pkl, tmp_path):
+    """A trial killed after reporting its final epoch resumes from that state: every seed has
+    finished, so nothing is trained or reported again."""
+    state_dir = tmp_path / "state"
+    base = {"data": str(synth_regression_pkl), "epochs": 3, "patience": 10, "seeds": 2}
+    train_seed_group({**base, "out": str(tmp_path / "full")},
+                     on_epoch=lambda record, save: save(state_dir) if record["final"] else None)
+    reported = []
+    resumed = train_seed_group({**base, "out": str(tmp_path / "resumed")}, resume_from=state_dir,
+                               on_epoch=lambda record, _save: reported.append(record))
+    assert reported == [] and [len(r.history) for r in resumed] == [3, 3]
