@@ -4,11 +4,13 @@ The interrupt/resume test drives the `msa` console script (its own Ray) and runs
 others share the session's Ray runtime."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -37,14 +39,24 @@ def write_config(tmp_path: Path, **sections) -> Path:
     return path
 
 
+def schema_written(db: Path) -> bool:
+    """Whether Optuna has finished creating the database (read-only: opening one that the sweep
+    is still creating with Optuna would race it to insert the schema version, once seen in CI)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
+            return connection.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
+
+
 def studies(run_dir: Path) -> dict[str, optuna.Study]:
-    """The run's studies; a database the sweep has created but not yet written its study into
-    (the test polls a running sweep) is left out."""
+    """The run's studies; a database the sweep is still creating, or has created but not yet
+    written its study into (the test polls a running sweep), is left out."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     found = {}
     for db in sorted((run_dir / "optuna").glob("*.db")):
         storage = f"sqlite:///{db}"
-        if db.stem in optuna.get_all_study_names(storage):
+        if schema_written(db) and db.stem in optuna.get_all_study_names(storage):
             found[db.stem] = optuna.load_study(study_name=db.stem, storage=storage)
     return found
 
