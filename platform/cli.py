@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="the whole pipeline: sweep, ensembles, leaderboard")
     run.add_argument("config", help="sweep YAML (its ensemble: section configures the ensembles)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. ensemble.top_k=3")
-    run.add_argument("--export", metavar="DIR", help="also write leaderboard.{csv,md,json,html} into DIR")
+    run.add_argument("--export", metavar="DIR", help="also write leaderboard.{csv,md,json,html,tex} into DIR")
     address_option(run)
     run.set_defaults(run=_job("run"))
 

@@ -205,7 +205,7 @@ def print_board(board: dict, folder: Path) -> None:
             interval = "-" if diff["diff"] is None else f"{diff['diff']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}]"
             print(f"{rank:>3}  {row['name']:<34}{row['kind']:<15}{_number(row['valid'][metric]):>9}"
                   f"{_number(row['test'][metric]):>9}  {interval:<28}{row['registered']}")
-    print(f"\nleaderboard: {folder}/leaderboard.{{csv,md,json,html}}")
+    print(f"\nleaderboard: {folder}/leaderboard.{{csv,md,json,html,tex}}")
 
 
 def _number(value) -> str:
