@@ -158,6 +158,24 @@ def test_a_killed_sweep_resumes_with_every_seed_group_whole(tmp_path, tracking_s
             assert runs[trial_id].info.status == "FINISHED"
 
 
+def test_a_time_budget_that_runs_out_mid_group_lets_the_group_finish_whole(ray_runtime, tmp_path):
+    """`time_budget_s` stops groups from starting, never a running one: the 1 s budget runs out
+    while the first group trains, and that group still trains both its seeds to the end."""
+    config = load_sweep_config(write_config(
+        tmp_path, name="timed", datasets=["synth_regression"], models=["baseline"],
+        budget={"trials_per_pair": 4, "seeds_per_trial": 2, "max_epochs": 3, "time_budget_s": 1.0},
+        search={"scheduler": "none"}, train={"patience": 10},
+        resources={"workers_per_trial": 1, "max_concurrent_trials": 1},
+    ))
+    (row,) = run_sweep(config).pairs
+    (run_dir,) = (tmp_path / "sweeps").glob("timed-*")
+    (study,) = studies(run_dir).values()
+    assert (row.trials, row.complete) == (1, 1) and study.user_attrs["out_of_time"] is True
+    group = SeedGroup(row.best_checkpoint)
+    assert group.exists() and group.seeds == [0, 1]
+    assert [[int(r["epoch"]) for r in history] for history in seed_histories(group.folder).values()] == [[1, 2, 3]] * 2
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["budget.seeds_per_trial=0"], "budget.seeds_per_trial must be >= 1, got 0"),
     (["budget.seeds_per_trial=-2"], "budget.seeds_per_trial must be >= 1, got -2"),
