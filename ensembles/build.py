@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from msa.ensembles.config import EnsembleConfig, validate_ensemble_config
-from msa.ensembles.ensemble_model import register_ensemble
 from msa.ensembles.folds import grouped_folds
 from msa.ensembles.leaderboard import write_all
 from msa.ensembles.matrix import PredictionMatrix
@@ -51,6 +50,7 @@ from msa.ensembles.members import (
 )
 from msa.ensembles.meta_learners import learners_for, make_meta_learner
 from msa.ensembles.protocol import PairedBootstrap, finite_metrics, fit_ensemble, score_test
+from msa.ensembles.registration import register_ensemble
 from msa.ensembles.retrain import out_of_fold_members, pool_folds, seed_members, training_config
 from msa.platform.core.config import load_yaml_mapping, to_plain
 from msa.platform.core.errors import MsaError
@@ -376,11 +376,14 @@ def _register_best(uri: str, run_id: str, entry: dict[str, Any], rows: dict[str,
     row = rows[best["name"]]
     metric = entry["selection_metric"]
     name = f"msa-ensemble-{entry['dataset']}"
-    version = register_ensemble(uri, run_id, name, row.groups, row.combiner, entry["task"], tags={
-        "msa.run_id": run_id, "ensemble": best["name"], "kind": best["kind"], "protocol": board["protocol"],
-        "selection_metric": metric, "members": ", ".join(f"{m}:{w:.4f}" for m, w in row.members),
+    fingerprint = Checkpoint(row.groups[0][0]).metrics.get("dataset_fingerprint") or ""
+    registered = register_ensemble(uri, run_id, name, row.groups, row.combiner, entry["task"], tags={
+        "msa.run_id": run_id, "msa.sweep": Path(board["run_dir"]).name, "ensemble": best["name"], "kind": best["kind"],
+        "protocol": board["protocol"], "selection_metric": metric, "dataset_fingerprint": fingerprint,
+        "members": ", ".join(f"{m}:{w:.4f}" for m, w in row.members),
         **{f"valid_{m}": str(v) for m, v in best["valid"].items()},
         **{f"test_{m}": str(v) for m, v in best["test"].items()},
     })
-    best["registered"] = f"{name}@{version}"
-    print(f"[{entry['dataset']}] registered {name} version {version} (alias champion): {best['name']}", flush=True)
+    best["registered"] = f"{name}@{registered.version}"
+    print(f"[{entry['dataset']}] registered {name} version {registered.version} ({registered.alias or 'no alias'}: "
+          f"{registered.reason}): {best['name']}", flush=True)

@@ -26,7 +26,7 @@ from msa.platform.core.run_dir import RunDir
 from msa.platform.data.features import FeatureSet
 from msa.platform.data.readers import load_dataset
 from msa.platform.tracking.client import PAIR_TAG, ROLE_TAG, STATE_TAG, TRIAL_TAG, client
-from msa.platform.tracking.registry import LoadedCheckpoint
+from msa.platform.tracking.pyfunc import LoadedCheckpoint
 from msa.platform.training.checkpoint import PREDICTED_SPLITS, Checkpoint, SeedGroup
 
 ENSEMBLE_SPLITS = PREDICTED_SPLITS

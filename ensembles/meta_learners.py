@@ -1,8 +1,8 @@
 """Meta-learners: how a stacked ensemble combines its members' predictions.
 
 A meta-learner is fitted on a `PredictionMatrix` of valid (or out-of-fold) predictions, never on
-test, and reduces to a JSON-serialisable ``combiner``. At serving time `combine` applies that
-combiner with numpy alone, so a served ensemble needs neither scikit-learn nor the learner object.
+test, and reduces to a JSON-serialisable ``combiner``. At serving time `combiner.combine`
+applies it with numpy alone, so a served ensemble needs neither scikit-learn nor the learner object.
 
 Five learners, one registry (`META_LEARNERS`):
 
@@ -36,13 +36,12 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy.optimize import nnls
 
+from msa.ensembles.combiner import combine, log_features
 from msa.ensembles.matrix import PredictionMatrix
 from msa.platform.core.errors import MsaError
 from msa.platform.core.metrics import SUITE_METRICS, best_of, compute_metrics
 
 TASKS = ("regression", "classification")
-# Probabilities are clipped here before the log, so a member that is certain does not give -inf.
-LOG_FLOOR = 1e-7
 # A class absent from the training labels gets a logit this far below the mean of the present
 # classes' logits, hence below their maximum: its probability is at most e^-30 (about 1e-13).
 ABSENT_CLASS_OFFSET = 30.0
@@ -52,57 +51,6 @@ class TestSplitError(MsaError):
     """A meta-learner was asked to fit on the test split (which would tune the ensemble on test)."""
 
     __test__ = False  # not a pytest test class, whatever its name
-
-
-# --------------------------------------------------------------------------------------------------
-# Serving: the combiner alone, numpy only
-# --------------------------------------------------------------------------------------------------
-
-
-def combine(combiner: dict[str, Any], predictions: np.ndarray) -> np.ndarray:
-    """Apply a fitted combiner to member predictions.
-
-    Args:
-        combiner: a learner's ``combiner`` (possibly read back from JSON).
-        predictions: ``(N, M)`` scores (regression) or ``(N, M, C)`` probabilities (classification).
-
-    Returns:
-        ``(N,)`` scores or ``(N, C)`` probabilities.
-
-    Kinds:
-        ``{"kind": "weighted", "weights": [M], "intercept": b}``: ``sum_m w_m P[:, m] + b``
-        (classification learners write ``b = 0`` and weights summing to 1, so rows stay
-        probabilities).
-        ``{"kind": "softmax", "coef": C x (M*C), "intercept": [C]}``: with
-        ``X = log(clip(P, 1e-7, 1)).reshape(N, M*C)``, ``softmax(X @ coef.T + intercept)``.
-    """
-    predictions = np.asarray(predictions, dtype=np.float64)
-    kind = combiner.get("kind")
-    if kind == "weighted":
-        weights = np.asarray(combiner["weights"], dtype=np.float64)
-        if predictions.ndim not in (2, 3) or predictions.shape[1] != len(weights):
-            raise MsaError(f"the combiner has {len(weights)} members; expected predictions (N, {len(weights)}) "
-                           f"or (N, {len(weights)}, C), got shape {predictions.shape}")
-        return np.tensordot(predictions, weights, axes=([1], [0])) + float(combiner["intercept"])
-    if kind == "softmax":
-        coef = np.asarray(combiner["coef"], dtype=np.float64)  # (C, M*C)
-        intercept = np.asarray(combiner["intercept"], dtype=np.float64)  # (C,)
-        classes = len(intercept)
-        if predictions.ndim != 3 or predictions.shape[2] != classes or predictions[0].size != coef.shape[1]:
-            raise MsaError(f"the combiner expects probabilities (N, {coef.shape[1] // classes}, {classes}), "
-                           f"got shape {predictions.shape}")
-        return _softmax(_log_features(predictions) @ coef.T + intercept)
-    raise MsaError(f"unknown combiner kind {kind!r}; known: weighted, softmax")
-
-
-def _log_features(probabilities: np.ndarray) -> np.ndarray:
-    """``(N, M, C)`` probabilities -> ``(N, M*C)`` clipped log-probabilities, member-major."""
-    return np.log(np.clip(probabilities, LOG_FLOOR, 1.0)).reshape(len(probabilities), -1)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def _weighted(weights: np.ndarray, intercept: float = 0.0) -> dict[str, Any]:
@@ -357,7 +305,7 @@ class Logistic(MetaLearner):
 
         predictions, labels = _arrays(matrix)
         classes = predictions.shape[2]
-        features = _log_features(predictions)
+        features = log_features(predictions)
         present = np.unique(labels)
         coef = np.zeros((classes, features.shape[1]))
         intercept = np.zeros(classes)

@@ -5,7 +5,8 @@
 * ``msa data inspect PATH``: splits, modalities, shapes and label statistics of a dataset.
 * ``msa models``: the model registry.
 * ``msa mlflow RUN_DIR``: the MLflow UI over a sweep's tracking store, until Ctrl-C.
-* ``msa registry``: the msa-* models in the MLflow model registry, with valid/test metrics.
+* ``msa registry``: the msa-* models in the MLflow model registry, with valid/test metrics;
+  ``--dataset D`` ranks a dataset's versions across sweeps; ``promote NAME VERSION`` moves champion.
 * ``msa predict``: predictions of a registered model (``models:/NAME@champion``) for a dataset.
 * ``msa ensemble RUN_DIR``: stacked ensembles of a sweep's best trials and their leaderboard.
 * ``msa leaderboard RUN_DIR --format csv|md|json|html|latex``: the leaderboard, exported.
@@ -103,14 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     mlflow.add_argument("--port", type=int, default=5000)
     mlflow.set_defaults(run=_job("mlflow"))
 
-    def tracking_options(command: argparse.ArgumentParser) -> None:
+    def tracking_options(command: argparse.ArgumentParser, default=None) -> None:
+        # default=SUPPRESS on a subcommand: its unset options leave the parent command's values alone
         where = command.add_mutually_exclusive_group()
-        where.add_argument("--tracking-uri", help="MLflow server (default: $MLFLOW_TRACKING_URI)")
-        where.add_argument("--run-dir", help="a sweep run directory: serve its own MLflow store while this runs")
+        where.add_argument("--tracking-uri", default=default, help="MLflow server (default: $MLFLOW_TRACKING_URI)")
+        where.add_argument("--run-dir", default=default,
+                           help="a sweep run directory: serve its own MLflow store while this runs")
 
-    registry = commands.add_parser("registry", help="list the msa-* models in the MLflow model registry")
+    registry = commands.add_parser("registry", help="list, rank or promote the msa-* models in the MLflow model registry")
     tracking_options(registry)
+    registry.add_argument("--dataset", help="rank every version of this dataset's models across sweeps, on valid")
     registry.set_defaults(run=_job("registry"))
+    registry_commands = registry.add_subparsers(dest="registry_command", parser_class=OneLineParser)
+    promote = registry_commands.add_parser("promote", help="make NAME VERSION champion by hand (who and why go in its tags)")
+    promote.add_argument("name", metavar="NAME", help="e.g. msa-fine-mosi_lite")
+    promote.add_argument("version", metavar="VERSION")
+    promote.add_argument("--reason", required=True, help="why champion moves (recorded in the version's tags)")
+    promote.add_argument("--new-data", action="store_true",
+                         help="accept a version trained on other data (fingerprint) than the current champion")
+    tracking_options(promote, default=argparse.SUPPRESS)
+    promote.set_defaults(run=_job("promote"))
 
     predict = commands.add_parser("predict", help="predict a dataset with a registered model")
     predict.add_argument("--model", required=True, help="e.g. models:/msa-baseline-mosi_lite@champion")

@@ -25,7 +25,7 @@ from msa.models.registry import MODELS
 from msa.platform.core.config import load_yaml_mapping, merge, parse_overrides, to_plain
 from msa.platform.core.errors import MsaError
 from msa.platform.core.files import atomic_write
-from msa.platform.core.metrics import compute_metrics
+from msa.platform.core.metrics import compute_metrics, direction
 from msa.platform.core.run_dir import RunDir
 from msa.platform.data.features import FeatureSet
 from msa.platform.data.readers import load_dataset, write_mmsa_pickle, write_npz
@@ -33,7 +33,9 @@ from msa.platform.data.synth import synthesize
 from msa.platform.sweep.config import SweepConfig, load_sweep_config
 from msa.platform.sweep.driver import SweepSession, run_sweep
 from msa.platform.sweep.resume import resume_config
-from msa.platform.tracking.registry import list_registered, load_registered, predict_splits
+from msa.platform.tracking.aliases import promote as promote_version
+from msa.platform.tracking.client import client
+from msa.platform.tracking.registry import list_registered, load_registered, predict_splits, rank_versions
 from msa.platform.tracking.server import MlflowServer, require_store, serving
 from msa.platform.training.checkpoint import prediction_table
 from msa.platform.training.config import resolve_config
@@ -235,20 +237,55 @@ def _tracking_uri(args: argparse.Namespace):
 
 
 def registry(args: argparse.Namespace) -> None:
-    """`msa registry`: every registered msa-* model version with its metrics."""
+    """`msa registry`: every registered msa-* model version with its metrics; with `--dataset`,
+    that dataset's versions ranked on valid across sweeps."""
     with _tracking_uri(args) as uri:
+        if args.dataset:
+            _print_ranking(args.dataset, rank_versions(uri, args.dataset))
+            return
         rows = list_registered(uri)
     if not rows:
         print(f"no msa-* models registered at {uri}")
         return
-    print(f"{'name':<36}{'version':>8}  {'aliases':<10}{'seeds':<7}{'valid':<18}{'test':<40}run")
+    print(f"{'name':<36}{'version':>8}  {'aliases':<11}{'seeds':<7}{'valid':<18}{'test':<40}run")
     for row in rows:
-        shown = lambda scores: "  ".join(f"{k} {'-' if v is None else format(v, '.4g')}" for k, v in scores)  # noqa: E731
-        valid = shown((k, v) for k, v in row["valid"].items() if k == row["selection_metric"])
-        test = shown(list(row["test"].items())[:3])
-        seeds = str(len(row["seeds"].split(","))) if row["seeds"] else "1"
-        print(f"{row['name']:<36}{row['version']:>8}  {row['aliases']:<10}{seeds:<7}{valid:<18}{test:<40}"
+        valid = _scores((k, v) for k, v in row["valid"].items() if k == row["selection_metric"])
+        test = _scores(list(row["test"].items())[:3])
+        print(f"{row['name']:<36}{row['version']:>8}  {row['aliases']:<11}{_seed_count(row):<7}{valid:<18}{test:<40}"
               f"{row['run_id']} ({row['sweep']})")
+
+
+def _scores(scores) -> str:
+    return "  ".join(f"{k} {'-' if v is None else format(v, '.4g')}" for k, v in scores)
+
+
+def _seed_count(row: dict) -> str:
+    return str(len(row["seeds"].split(","))) if row["seeds"] else "1"
+
+
+def _print_ranking(dataset: str, ranked: list[list[dict]]) -> None:
+    """One table per (data fingerprint, selection metric): rank, version, aliases, valid (+- sd
+    over seeds), test, sweep, and why the version has its alias."""
+    for rows in ranked:
+        metric, fingerprint = rows[0]["selection_metric"], rows[0]["fingerprint"]
+        print(f"{dataset}, data {fingerprint[:12] or 'unknown'}: {len(rows)} version(s) ranked on valid {metric} "
+              f"({direction(metric) if metric else 'unknown'} is better)")
+        print(f"{'rank':>4}  {'name':<32}{'version':>8}  {'aliases':<11}{'seeds':<6}{'valid':<20}{'test':<14}"
+              f"{'sweep':<34}why")
+        for rank, row in enumerate(rows, 1):
+            value, sd = row["valid"].get(metric), row["sd_valid"].get(metric)
+            valid = "-" if value is None else f"{value:.4g}" + (f" +- {sd:.2g}" if sd is not None else "")
+            test = "-" if row["test"].get(metric) is None else f"{row['test'][metric]:.4g}"
+            print(f"{rank:>4}  {row['name']:<32}{row['version']:>8}  {row['aliases'] or '-':<11}{_seed_count(row):<6}"
+                  f"{valid:<20}{test:<14}{row['sweep'] or '-':<34}{row['reason'] or '-'}")
+
+
+def promote(args: argparse.Namespace) -> None:
+    """`msa registry promote NAME VERSION --reason R`: champion moved by hand, who and why recorded."""
+    if args.dataset:
+        raise MsaError("msa registry promote: --dataset does not apply (the name says the dataset)")
+    with _tracking_uri(args) as uri:
+        print(promote_version(client(uri), args.name, args.version, reason=args.reason, new_data=args.new_data))
 
 
 def predict(args: argparse.Namespace) -> None:

@@ -96,3 +96,12 @@ def tracking_store():
             yield client(server.uri)
 
     return serve
+
+
+@pytest.fixture(scope="session")
+def clean_env(tmp_path_factory):
+    """A venv without msa-sweep (``import msa`` fails there) that sees this venv's torch, numpy,
+    mlflow and transformers, and refuses Ray, Optuna and DeepSpeed (see `clean_env.py`)."""
+    from clean_env import make_clean_env
+
+    return make_clean_env(tmp_path_factory.mktemp("clean") / "venv")

@@ -1,152 +1,65 @@
-"""The MLflow model registry side: checkpoints as pyfunc models, registration, listing, loading.
+"""The MLflow model registry side: registration, listing, ranking, loading.
 
 A registered model ``msa-<model>-<dataset>`` is an MLflow pyfunc whose artifacts are one
 checkpoint folder (weights + resolved config), or a seed group's folders, one per seed, whose
-mean it predicts. Its signature is tensor based: per modality a
+mean it predicts (`pyfunc.py` holds the classes). Its signature is tensor based: per modality a
 float32 ``(-1, T, d)`` array named after the modality and an int64 ``(-1,)`` array named
 ``<modality>_lengths``; the output is ``(-1,)`` scores (regression) or ``(-1, C)`` class
 probabilities. A model with a text encoder takes ``raw_text`` instead of the text features and
-lengths: a ``(-1,)`` string array, one transcript per clip, tokenized by the tokenizer files its
-checkpoint keeps (and, when it trained on a frozen-prefix cache, its prefix computed as the
-cache was). `predict` runs the training loop's own `predict` (same batch size, fp32 on CPU,
-and the torch thread count the checkpoint recorded, since float sums follow it), so it
-reproduces the checkpoint's stored valid/test predictions bit for bit. MLflow enforces the
-signature on every call; `predict_splits` checks a dataset first, for a one-line error.
-Loading needs this package installed (the model class is referenced, not copied); models
-registered by msa-sweep 0.1.0 name the class by its old path, `msa.platform.model_registry`,
+lengths: a ``(-1,)`` string array, one transcript per clip. MLflow enforces the signature on
+every call; `predict_splits` checks a dataset first, for a one-line error.
+
+A model carries its serving code and exact pip requirements (`code_paths.py`), so it loads and
+serves where msa-sweep is not installed; a new version gets ``champion`` or ``challenger`` by
+the policy in `aliases.py`. Models registered before msa-sweep 0.5.0 carry no code and need the
+package installed; those of 0.1.0 name the class by its old path, `msa.platform.model_registry`,
 which still re-exports it.
 
-Runs in the driver (registration), and in whichever process loads a registered model.
+Runs in the driver (registration), and in the process that loads a model through msa (`msa predict`).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import sys
+import tempfile
 import time
 import warnings
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
-from msa.models.registry import build_model
-from msa.platform.core.compat import untyped_python_model
-from msa.platform.core.config import build_dataclass
 from msa.platform.core.errors import MsaError
+from msa.platform.core.metrics import METRIC_MODES
 from msa.platform.core.spec import DataSpec
-from msa.platform.data.text import encode_texts, load_tokenizer
+from msa.platform.tracking.aliases import REASON_TAG, assign, dataset_of, tag_number
 from msa.platform.tracking.client import client
+from msa.platform.tracking.code_paths import pinned_requirements, stage_code
+from msa.platform.tracking.pyfunc import LENGTHS_SUFFIX, RAW_TEXT, SEED_KEY, CheckpointModel, split_inputs
 from msa.platform.training.checkpoint import Checkpoint, SeedGroup
-from msa.platform.training.config import TextEncoderConfig
-from msa.platform.training.predict import predict
-from msa.platform.training.text_encoder import TextEncoderModel, frozen_layers, load_encoder, prefix_states
 
-CHAMPION = "champion"
-LENGTHS_SUFFIX = "_lengths"
-RAW_TEXT = "raw_text"
+__all__ = ["CheckpointModel"]  # the class's path for models of msa-sweep 0.2.0-0.4.0, which pickled it from here
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered version and the alias the policy gave it, with the reason."""
+
+    name: str
+    version: str
+    alias: str
+    reason: str
 
 
 def registered_name(model: str, dataset: str) -> str:
     return f"msa-{model}-{dataset}"
-
-
-class CheckpointModel(untyped_python_model()):
-    """A trained checkpoint folder, or a seed group's, as a pyfunc:
-    ``predict({modality: (N,T,d), modality_lengths: (N,)})``; a seed group predicts its seeds'
-    mean. Its signature (not type hints) describes the input, which MLflow enforces before
-    `predict`."""
-
-    def load_context(self, context) -> None:
-        # One artifact "checkpoint", or one "checkpoint_seed<k>" per seed of a group.
-        self.checkpoints = [LoadedCheckpoint(Path(path)) for key, path in context.artifacts.items()
-                            if key == "checkpoint" or key.startswith("checkpoint_seed")]
-
-    def predict(self, context, model_input, params=None):
-        # MLflow has enforced the signature (names, dtypes, shapes) before this is called.
-        return mean_prediction(self.checkpoints, model_input)
-
-
-def mean_prediction(checkpoints: list["LoadedCheckpoint"], inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """The checkpoints' mean prediction (a seed group's, or an ensemble member's K fold models');
-    one checkpoint's own, unchanged."""
-    if len(checkpoints) == 1:
-        return checkpoints[0].predict(inputs)
-    return np.mean([checkpoint.predict(inputs) for checkpoint in checkpoints], axis=0)
-
-
-class LoadedCheckpoint:
-    """A checkpoint folder's model in eval mode, predicting like the training loop did."""
-
-    def __init__(self, folder: Path):
-        checkpoint = Checkpoint(folder)
-        weights = checkpoint.verified_weights("checkpoint")
-        self.config, self.spec = checkpoint.config, checkpoint.spec
-        self.threads = checkpoint.metrics.get("torch_threads")  # absent in checkpoints of msa-sweep 0.1.0
-        self.model = build_model(self.config["model"], self.spec, self.config["model_config"])
-        self.text_encoding = checkpoint.text_encoding
-        if self.text_encoding is not None:
-            encoder_folder = checkpoint.verified_text_encoder("checkpoint")
-            encoder = load_encoder(encoder_folder, pretrained=False)
-            encoder_config = build_dataclass(TextEncoderConfig, self.config["text_encoder"], where=f"{folder} text_encoder")
-            self.model = TextEncoderModel(encoder, self.model, frozen_layers(encoder_config, encoder.config.num_hidden_layers))
-            self.tokenizer = load_tokenizer(encoder_folder)
-        self.model.load_state_dict(torch.load(weights, weights_only=True))
-        self.model.eval()
-
-    @property
-    def feature_modalities(self) -> tuple[str, ...]:
-        """The modalities given as features (all but text when the model reads raw text)."""
-        return tuple(m for m in self.spec.modalities if not (self.text_encoding and m == "text"))
-
-    def inputs_of(self, split) -> dict[str, np.ndarray]:
-        """A dataset split as this model's pyfunc input."""
-        return split_inputs(split, self.feature_modalities, raw_text=self.text_encoding is not None)
-
-    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """``{modality: (N, T, d), modality_lengths: (N,)[, raw_text: (N,)]}`` -> ``(N,)`` scores
-        or ``(N, C)`` probabilities."""
-        modalities = self.feature_modalities
-        features = {m: torch.as_tensor(np.asarray(inputs[m], dtype=np.float32)) for m in modalities}
-        lengths = {m: torch.as_tensor(np.asarray(inputs[m + LENGTHS_SUFFIX], dtype=np.int64)) for m in modalities}
-        # The training loop's own predict with its batch size and thread count: the stored
-        # predictions, exactly.
-        with torch_threads(self.threads):
-            if self.text_encoding is not None:
-                ids, counts = encode_texts(self.tokenizer, np.asarray(inputs[RAW_TEXT]), self.text_encoding["max_length"])
-                cached = self.text_encoding["prefix_layers"]  # trained on the prefix cache: computed as it was
-                text = prefix_states(self.model, ids, counts, [cached])[cached] if cached else ids
-                features = {"text": torch.as_tensor(text), **features}
-                lengths = {"text": torch.as_tensor(counts), **lengths}
-            return predict(self.model, features, lengths, self.spec.task, int(self.config["batch_size"]))
-
-
-@contextlib.contextmanager
-def torch_threads(count: int | None):
-    """torch's intra-op threads set to `count` inside the block (unchanged for None), then restored."""
-    before = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def split_inputs(split, modalities, *, raw_text: bool = False) -> dict[str, np.ndarray]:
-    """A dataset split as the pyfunc input mapping (float32 features, int64 lengths, and the
-    transcripts as strings when `raw_text`)."""
-    inputs = {m: np.asarray(split.features[m], dtype=np.float32) for m in modalities}
-    inputs.update({m + LENGTHS_SUFFIX: np.asarray(split.lengths[m], dtype=np.int64) for m in modalities})
-    if raw_text:
-        inputs[RAW_TEXT] = np.asarray(split.raw_text, dtype=str)
-    return inputs
 
 
 def check_inputs(spec, shapes: dict[str, tuple[int, ...]], *, what: str) -> None:
@@ -189,11 +102,11 @@ def spec_from_signature(signature):
                     num_classes=output.shape[1] if classification else 0)
 
 
-def register_checkpoint(uri: str, run_id: str, folder: Path, name: str, tags: dict[str, str]) -> str:
+def register_checkpoint(uri: str, run_id: str, folder: Path, name: str, tags: dict[str, str]) -> Registered:
     """Log `folder` (a checkpoint, or a seed group: every seed's) as a pyfunc model of run
-    `run_id`, register it as `name`, move `champion` to it.
+    `run_id`, register it as `name` and give it its alias (`aliases.assign`).
 
-    A run already registered under `name` (a resumed sweep) is not registered twice. Returns the version.
+    A run already registered under `name` (a resumed sweep) is not registered twice.
 
     Raises:
         MsaError: the weights do not match the SHA-256 the trial recorded (nothing is registered)."""
@@ -203,7 +116,7 @@ def register_checkpoint(uri: str, run_id: str, folder: Path, name: str, tags: di
     if len(group.checkpoints) == 1:
         artifacts = {"checkpoint": str(folder)}
     else:
-        artifacts = {f"checkpoint_seed{seed}": str(c.folder) for seed, c in zip(group.seeds, group.checkpoints)}
+        artifacts = {f"{SEED_KEY}{seed}": str(c.folder) for seed, c in zip(group.seeds, group.checkpoints)}
     return register_pyfunc(uri, run_id, name, tags, python_model=CheckpointModel(), artifacts=artifacts,
                            signature=checkpoint_signature(group.first))
 
@@ -213,26 +126,28 @@ def checkpoint_signature(checkpoint: Checkpoint) -> ModelSignature:
 
 
 def register_pyfunc(uri: str, run_id: str, name: str, tags: dict[str, str], *, python_model, artifacts: dict[str, str],
-                    signature: ModelSignature) -> str:
-    """Log `python_model` (with `artifacts` and `signature`) as run `run_id`'s
-    model, register it as `name` unless that run already is, tag the version and point
-    `champion` at it. Returns the version."""
+                    signature: ModelSignature) -> Registered:
+    """Log `python_model` (with `artifacts`, `signature`, the code of its serving path and its
+    pinned requirements) as run `run_id`'s model, register it as `name` unless that run already
+    is, tag the version and give it its alias."""
     mlflow_client = client(uri)
     existing = mlflow_client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
         version = max(existing, key=lambda v: int(v.version)).version
     else:
-        with _quiet(), _using(uri), mlflow.start_run(run_id=run_id):
+        root = type(python_model).__module__
+        text_encoder = RAW_TEXT in {tensor.name for tensor in signature.inputs.inputs}
+        with tempfile.TemporaryDirectory() as scratch, _quiet(), _using(uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=python_model, artifacts=artifacts,
-                signature=signature, registered_model_name=name, await_registration_for=60,
-                pip_requirements=_requirements(),
+                name="model", python_model=python_model, artifacts=artifacts, signature=signature,
+                code_paths=[str(stage_code(root, Path(scratch)))], registered_model_name=name,
+                await_registration_for=60, pip_requirements=pinned_requirements(root, text_encoder=text_encoder),
             )
         version = str(info.registered_model_version)
-    for key, value in tags.items():
+    for key, value in {"dataset": dataset_of(name), **tags}.items():
         mlflow_client.set_model_version_tag(name, version, key, value)
-    mlflow_client.set_registered_model_alias(name, CHAMPION, version)
-    return version
+    alias, reason = assign(mlflow_client, name, version)
+    return Registered(name=name, version=version, alias=alias, reason=reason)
 
 
 @contextlib.contextmanager
@@ -264,19 +179,19 @@ def _quiet():
         logger.setLevel(level)
 
 
-def _requirements() -> list[str]:
-    packages = ("torch", "numpy", "pyyaml", "mlflow", "transformers")
-    return [f"{package}=={metadata.version(package)}" for package in packages] + ["msa-sweep"]
-
-
 def load_registered(model_uri: str, tracking_uri: str):
-    """`mlflow.pyfunc.load_model`, with a one-line error for a name, version or alias that does not exist."""
+    """`mlflow.pyfunc.load_model`, with a one-line error for a name, version or alias that does
+    not exist. The model runs on this installed package's modules: the code it carries is taken
+    off `sys.path` again, so no module msa imports later comes from the model's copy."""
+    path = list(sys.path)
     try:
         with _using(tracking_uri):
             return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MsaError(f"cannot load {model_uri} from {tracking_uri}: {first}") from None
+    finally:
+        sys.path[:] = path
 
 
 def list_registered(tracking_uri: str) -> list[dict[str, Any]]:
@@ -291,22 +206,44 @@ def list_registered(tracking_uri: str) -> list[dict[str, Any]]:
             tags = version.tags or {}
             rows.append({
                 "name": model.name, "version": int(version.version), "aliases": ",".join(aliases.get(str(version.version), [])),
-                "valid": {k.removeprefix("valid_"): _tag_number(v) for k, v in tags.items() if k.startswith("valid_")},
-                "test": {k.removeprefix("test_"): _tag_number(v) for k, v in tags.items() if k.startswith("test_")},
+                "valid": {k.removeprefix("valid_"): tag_number(v) for k, v in tags.items() if k.startswith("valid_")},
+                "test": {k.removeprefix("test_"): tag_number(v) for k, v in tags.items() if k.startswith("test_")},
+                "sd_valid": {k.removeprefix("sd_valid_"): tag_number(v) for k, v in tags.items()
+                             if k.startswith("sd_valid_")},
                 "seeds": tags.get("seeds", ""),
                 "run_id": version.run_id, "sweep": tags.get("msa.sweep", ""),
                 "selection_metric": tags.get("selection_metric", ""),
+                "dataset": tags.get("dataset") or dataset_of(model.name),
+                "fingerprint": tags.get("dataset_fingerprint", ""), "reason": tags.get(REASON_TAG, ""),
                 "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(version.creation_timestamp / 1000)),
+                "timestamp": version.creation_timestamp,
             })
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))
 
 
-def _tag_number(text: str) -> float | None:
-    """A metric recorded as a version tag (``None`` where it was undefined)."""
-    try:
-        return float(text)
-    except ValueError:
-        return None
+def rank_versions(tracking_uri: str, dataset: str) -> list[list[dict[str, Any]]]:
+    """Every registered version of `dataset`'s models (every model and ensemble, across sweeps),
+    ranked by its valid selection metric: one ranked list per (data fingerprint, metric), since
+    only versions of the same data and metric compare; the list holding the newest version first.
+
+    Raises:
+        MsaError: no version of `dataset` is registered."""
+    rows = list_registered(tracking_uri)
+    chosen = [row for row in rows if row["dataset"] == dataset]
+    if not chosen:
+        known = sorted({row["dataset"] for row in rows})
+        raise MsaError(f"no registered model of dataset {dataset!r} at {tracking_uri}"
+                       + (f" (datasets: {', '.join(known)})" if known else " (nothing is registered there)"))
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in chosen:
+        groups.setdefault((row["fingerprint"], row["selection_metric"]), []).append(row)
+    ranked = []
+    for (_, metric), members in groups.items():
+        sign = 1.0 if METRIC_MODES.get(metric, "min") == "min" else -1.0
+        score = lambda row: row["valid"].get(metric)  # noqa: E731
+        members.sort(key=lambda row: (score(row) is None, sign * (score(row) or 0.0), -row["timestamp"]))
+        ranked.append(members)
+    return sorted(ranked, key=lambda members: -max(row["timestamp"] for row in members))
 
 
 def predict_splits(model, dataset, splits: list[str], *, what: str) -> dict[str, np.ndarray]:

@@ -144,8 +144,8 @@ class SweepTracking:
             **({f"sd_valid_{k}": str(v) for k, v in group.sd("valid").items()} if len(group.seeds) > 1 else {}),
             **({f"sd_test_{k}": str(v) for k, v in group.sd("test").items()} if len(group.seeds) > 1 else {}),
         }
-        version = register_checkpoint(self.uri, trial_run.info.run_id, folder, name, version_tags)
-        self.client.set_tag(tracking.study_run_id, "registered_model", f"{name}/{version}")
+        registered = register_checkpoint(self.uri, trial_run.info.run_id, folder, name, version_tags)
+        self.client.set_tag(tracking.study_run_id, "registered_model", f"{name}/{registered.version}")
         seeds = f" ({len(group.seeds)} seeds)" if len(group.seeds) > 1 else ""
-        print(f"[{tracking.pair}] registered {name} version {version} (alias champion) from trial {best_trial}{seeds}",
-              flush=True)
+        print(f"[{tracking.pair}] registered {name} version {registered.version} from trial {best_trial}{seeds}: "
+              f"{registered.alias or 'no alias'}, {registered.reason}", flush=True)

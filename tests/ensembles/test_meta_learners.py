@@ -21,6 +21,7 @@ import pytest
 from scipy.optimize import minimize
 
 from msa.ensembles import meta_learners
+from msa.ensembles.combiner import combine
 from msa.ensembles.matrix import PredictionMatrix
 from msa.ensembles.meta_learners import (
     META_LEARNERS,
@@ -29,7 +30,6 @@ from msa.ensembles.meta_learners import (
     Logistic,
     Mean,
     Ridge,
-    combine,
     learners_for,
     make_meta_learner,
 )

@@ -18,7 +18,8 @@ from msa.platform.cli import main
 from msa.platform.core.errors import MsaError
 from msa.platform.data.readers import load_dataset, write_npz
 from msa.platform.tracking.client import TRIAL_TAG
-from msa.platform.tracking.registry import CheckpointModel, LoadedCheckpoint, load_registered, register_checkpoint
+from msa.platform.tracking.pyfunc import CheckpointModel, LoadedCheckpoint
+from msa.platform.tracking.registry import load_registered, register_checkpoint
 
 MODEL_NAME = "msa-baseline-synth_regression"
 
@@ -113,7 +114,7 @@ def test_a_model_registered_by_0_1_0_under_the_old_module_path_still_loads(sweep
     importlib.import_module("msa.platform.model_registry")  # cloudpickle names a class only by a loaded module
     monkeypatch.setattr(CheckpointModel, "__module__", "msa.platform.model_registry")  # pickled by reference
     run_id = sweep["client"].get_model_version_by_alias(MODEL_NAME, "champion").run_id
-    version = register_checkpoint(sweep["uri"], run_id, Path(sweep["row"].best_checkpoint), "msa-legacy", {})
+    version = register_checkpoint(sweep["uri"], run_id, Path(sweep["row"].best_checkpoint), "msa-legacy", {}).version
     monkeypatch.undo()
     mlflow.set_tracking_uri(sweep["uri"])
     mlflow.set_registry_uri(sweep["uri"])
