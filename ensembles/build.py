@@ -19,7 +19,7 @@ Per dataset:
    predict time, MLflow run and registry version (`leaderboard.py` renders it).
 5. MLflow: one ``ensembles`` run in the sweep's experiment (the leaderboard files as artifacts)
    with a child run per dataset (every row's metrics, the combiners); the best ensemble by valid
-   score is registered as ``msa-ensemble-<dataset>`` (alias ``champion``).
+   score is registered as ``msa-ensemble-<dataset>`` (``champion`` or ``challenger``, see `msa.platform.tracking.aliases`).
 
 Outputs (``<run dir>/ensembles/`` or ``--out``): leaderboard.json/.csv/.md/.html, and per dataset
 ``<dataset>/combiners.json``, ``<dataset>/seeds/`` and ``<dataset>/oof/`` (retrained checkpoints).

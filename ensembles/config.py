@@ -28,7 +28,7 @@ class EnsembleConfig:
         caruana_steps: greedy steps of Caruana selection.
         bootstrap: resamples behind each paired 95% interval.
         seed: seeds the folds, the bootstrap and Caruana's tie-breaking.
-        register: register the best ensemble as ``msa-ensemble-<dataset>`` (alias champion).
+        register: register the best ensemble as ``msa-ensemble-<dataset>`` (champion if it beats the current one on valid, else challenger).
     """
 
     top_k: int = 5
