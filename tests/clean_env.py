@@ -74,7 +74,8 @@ class CleanEnv:
 
     def env(self, tracking_uri: str = "") -> dict[str, str]:
         """Environment of a process in the venv: its bin first on PATH, none of this venv's."""
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        # nothing of this process's MLflow settings either (MLflow exports its fluent URIs to os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("MLFLOW_")}
         env["PATH"] = os.pathsep.join([str(self.root / "bin"), "/usr/local/bin", "/usr/bin", "/bin"])
         env["MSA_GUARD_LOG"] = str(self.guard_log)
         env["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -187,3 +188,31 @@ def invoke(base: str, body: bytes) -> np.ndarray:
     request = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as answer:
         return np.asarray(json.loads(answer.read())["predictions"], dtype=np.float64)
+
+
+def serving_inputs(model_uri: str, tracking_uri: str, data: Path, split: str) -> dict[str, np.ndarray]:
+    """What `msa predict` hands the model for `split` of `data`: the features its signature
+    names, and the transcripts for a model with a text encoder (run in the test's process)."""
+    from msa.platform.data.readers import load_dataset
+    from msa.platform.tracking.pyfunc import RAW_TEXT, split_inputs
+    from msa.platform.tracking.registry import load_registered, spec_from_signature
+
+    signature = load_registered(model_uri, tracking_uri).metadata.signature
+    raw_text = RAW_TEXT in {tensor.name for tensor in signature.inputs.inputs}
+    return split_inputs(load_dataset(data).splits[split], spec_from_signature(signature).modalities, raw_text=raw_text)
+
+
+def check_serves_like_msa_predict(env: CleanEnv, model_uri: str, tracking_uri: str, data: Path, *, cwd: Path,
+                                  split: str = "test", serve: bool = False) -> np.ndarray:
+    """Load `model_uri` in `env` (where ``import msa`` fails) and predict `split` of `data`, and
+    with `serve` also ask ``mlflow models serve`` for it: each answer is `msa predict`'s, bit for
+    bit, and no blocked import (Ray, Optuna, DeepSpeed) was tried. Returns the predictions."""
+    env.forget_guarded_imports()
+    inputs = serving_inputs(model_uri, tracking_uri, data, split)
+    expected = msa_predictions(model_uri, tracking_uri, data, split, out=cwd / "msa_predict.csv")
+    assert np.array_equal(env.predict(model_uri, tracking_uri, inputs, cwd=cwd), expected)
+    if serve:
+        with served(env, model_uri, tracking_uri, cwd=cwd) as base:
+            assert np.array_equal(invoke(base, invocations_body(inputs)), expected)
+    assert env.guarded_imports() == []
+    return expected

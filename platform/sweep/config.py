@@ -225,9 +225,12 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
         raise MsaError(f"{where}: search.spaces names {unknown[0]!r}, which is not in 'models'")
     for model, path in search.spaces.items():
         try:
-            load_search_space(model, path)
+            space = load_search_space(model, path)
         except MsaError as exc:
             raise MsaError(f"{where}: search.spaces.{model}: {exc}") from None
+        if not space.optuna_space():
+            raise MsaError(f"{where}: search.spaces.{model}: {path} fixes every parameter, so there is nothing to search; "
+                           "search at least one (a range or choices), or train one config with `msa train`")
     if config.tracking.uri:
         try:
             require_http(config.tracking.uri, "tracking.uri")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -45,6 +46,7 @@ from msa.platform.tracking.code_paths import pinned_requirements, stage_code
 from msa.platform.tracking.pyfunc import LENGTHS_SUFFIX, RAW_TEXT, SEED_KEY, CheckpointModel, split_inputs
 from msa.platform.training.checkpoint import Checkpoint, SeedGroup
 
+ENV_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 __all__ = ["CheckpointModel"]  # the class's path for models of msa-sweep 0.2.0-0.4.0, which pickled it from here
 
 
@@ -153,8 +155,10 @@ def register_pyfunc(uri: str, run_id: str, name: str, tags: dict[str, str], *, p
 @contextlib.contextmanager
 def _using(uri: str):
     """MLflow's fluent API (log_model, load_model) pointed at `uri` for tracking and registry,
-    restored afterwards: the fluent URIs are process-wide."""
+    restored afterwards: the fluent URIs are process-wide, and MLflow also exports them to
+    ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``, which child processes would inherit."""
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    exported = {name: os.environ.get(name) for name in ENV_URIS}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -162,6 +166,11 @@ def _using(uri: str):
     finally:
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
+        for name, value in exported.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager

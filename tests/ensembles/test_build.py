@@ -9,9 +9,11 @@ import json
 import shutil
 from pathlib import Path
 
+import mlflow.artifacts
 import numpy as np
 import pytest
 import yaml
+from clean_env import check_serves_like_msa_predict
 
 from msa.ensembles.members import DatasetCache, load_member, sweep_candidates
 from msa.ensembles.retrain import retrain
@@ -21,6 +23,7 @@ from msa.platform.data.readers import load_dataset
 from msa.platform.sweep.config import load_sweep_config
 from msa.platform.sweep.driver import run_sweep
 from msa.platform.tracking.client import ROLE_TAG, TRIAL_TAG
+from msa.platform.tracking.server import MlflowServer
 from msa.platform.training.checkpoint import Checkpoint
 
 DATASETS = ("synth_classification", "synth_regression")
@@ -138,6 +141,25 @@ def test_msa_predict_with_the_registered_ensemble_reproduces_its_test_score(boar
     assert np.allclose(probabilities.sum(axis=1), 1.0)
 
 
+def test_the_registered_ensemble_loads_and_serves_where_msa_is_not_installed(board, run_dir, clean_env, tmp_path):
+    """The classification ensemble (baseline and TFN members): its pyfunc carries the members'
+    code and the combiner, not the meta-learners' fitting (SciPy) nor the ensemble build."""
+    model_uri = "models:/msa-ensemble-synth_classification@champion"
+    with MlflowServer(run_dir) as server:
+        mlflow.set_tracking_uri(server.uri)
+        mlflow.set_registry_uri(server.uri)
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp_path / "model")))
+        carried = {str(path.relative_to(folder / "code")) for path in (folder / "code").rglob("*.py")}
+        assert {"msa/ensembles/ensemble_model.py", "msa/ensembles/combiner.py", "msa/models/tfn.py",
+                "msa/models/baseline.py"} <= carried
+        assert not carried & {"msa/ensembles/meta_learners.py", "msa/ensembles/build.py", "msa/ensembles/registration.py"}
+        assert "msa-sweep" not in (folder / "requirements.txt").read_text()
+        probabilities = check_serves_like_msa_predict(clean_env, model_uri, server.uri,
+                                                      run_dir / "data" / "synth_classification.pkl", cwd=tmp_path,
+                                                      serve=True)
+    assert probabilities.shape[1] == 20 and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
 def read_predictions_with_split(path: Path):
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -179,8 +201,6 @@ def test_out_of_fold_protocol_stacks_on_retrained_fold_models(board, run_dir, tm
 
 
 def test_members_can_come_from_an_mlflow_experiment(board, run_dir, tmp_path):
-    from msa.platform.tracking.server import MlflowServer
-
     out = tmp_path / "from-mlflow"
     with MlflowServer(run_dir) as server:
         assert main(["ensemble", "--experiment", run_dir.name, "--tracking-uri", server.uri, "--out", str(out),

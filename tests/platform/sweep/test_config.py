@@ -186,6 +186,16 @@ BAD_CONFIGS = [
 ]
 
 
+def test_a_search_space_that_fixes_every_parameter_is_refused(tmp_path):
+    """Optuna has nothing to search then (Ray's OptunaSearch would not even create its study)."""
+    (tmp_path / "fixed.yaml").write_text("lr: {type: fixed, value: 0.001}\n")
+    path = write_config(tmp_path, BASE + "search: {spaces: {baseline: TMP/fixed.yaml}}\n")
+    with pytest.raises(MsaError, match=r"search\.spaces\.baseline: .*fixed\.yaml fixes every parameter, so there "
+                                       r"is nothing to search; search at least one") as caught:
+        load_job_config(str(path), [])
+    assert str(caught.value).startswith(str(path))
+
+
 @pytest.mark.parametrize("text, overrides, pattern, names_file", [c[1:] for c in BAD_CONFIGS],
                          ids=[c[0] for c in BAD_CONFIGS])
 def test_bad_config_is_refused(tmp_path, text, overrides, pattern, names_file):

@@ -1,6 +1,7 @@
 """Seed groups in real sweeps (`budget.seeds_per_trial`): Ray Tune, Optuna, ASHA, DeepSpeed
 trials and MLflow. What the searcher and the scheduler see is the seed mean; every seed's
-checkpoint is kept, verified and registered; a failing seed is retried with its group; a
+checkpoint is kept, verified and registered (and the registered group serves its seed mean
+where msa-sweep is not installed); a failing seed is retried with its group; a
 killed driver's sweep resumes with every group whole."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clean_env import check_serves_like_msa_predict
 from optuna.trial import TrialState
 
 from msa.platform.core.run_dir import RunDir
@@ -37,7 +39,7 @@ def best_so_far(history: list[dict[str, str]], epoch: int) -> float:
 
 
 def test_a_seed_group_sweep_searches_and_prunes_on_the_seed_mean_and_retries_a_failing_seed(
-        ray_runtime, tmp_path, tracking_store):
+        ray_runtime, tmp_path, tracking_store, clean_env):
     """3 trials of 2 seeds under ASHA; each trial's second seed raises at the start of epoch 2
     and the trial (the whole group) is retried from its last checkpoint, once. Tune hands the
     scheduler and the searcher the same result dicts, kept in each trial's result.json."""
@@ -101,6 +103,10 @@ def test_a_seed_group_sweep_searches_and_prunes_on_the_seed_mean_and_retries_a_f
         model = load_registered("models:/msa-baseline-synth_regression@champion", mlflow_client.tracking_uri)
         dataset = load_dataset(RunDir(run_dir).builtin_dataset("synth_regression"))
         predicted = predict_splits(model, dataset, ["test"], what="synth")["test"]
+        # and so it does where msa-sweep is not installed
+        check_serves_like_msa_predict(clean_env, "models:/msa-baseline-synth_regression@champion",
+                                      mlflow_client.tracking_uri, RunDir(run_dir).builtin_dataset("synth_regression"),
+                                      cwd=tmp_path)
     stored = []
     for checkpoint in best.checkpoints:  # the registered model predicts its seeds' mean
         with (checkpoint.folder / "predictions_test.csv").open() as handle:

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import csv
 import json
+from importlib import metadata
 from pathlib import Path
 
+import mlflow.artifacts
 import numpy as np
 import optuna
 import pytest
 import torch
 import yaml
+from clean_env import check_serves_like_msa_predict
 
 from msa.platform.cli import main
 from msa.platform.core.metrics import compute_metrics
@@ -58,7 +61,7 @@ def encoder_sweep(ray_runtime, tmp_path_factory, tiny_bert):
 
 
 def test_a_sweep_searches_the_encoders_learning_rate_and_frozen_layers_and_serves_raw_text(
-        encoder_sweep, tiny_bert, tmp_path, capsys):
+        encoder_sweep, tiny_bert, clean_env, tmp_path, capsys):
     result, data_dir = encoder_sweep
     (pair,) = result.pairs
     assert pair.complete == 4
@@ -85,8 +88,16 @@ def test_a_sweep_searches_the_encoders_learning_rate_and_frozen_layers_and_serve
     np.testing.assert_array_equal(served, best.predictions("test").values)  # from raw text, bit for bit
     with MlflowServer(result.run_dir.root) as server:
         signature = load_registered(champion, server.uri).metadata.signature
+        # where msa-sweep is not installed, loaded and served: raw text in, the same predictions out
+        check_serves_like_msa_predict(clean_env, champion, server.uri, data_dir / "synth_regression.npz",
+                                      cwd=tmp_path, serve=True)
+        mlflow.set_tracking_uri(server.uri)
+        mlflow.set_registry_uri(server.uri)
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=champion, dst_path=str(tmp_path / "model")))
+        requirements = (folder / "requirements.txt").read_text().split()
     names = [tensor.name for tensor in signature.inputs.inputs]
     assert "raw_text" in names and "text" not in names and "audio" in names
+    assert f"transformers=={metadata.version('transformers')}" in requirements
 
 
 def test_a_two_worker_zero2_trial_trains_the_encoder_inside_the_deepspeed_engine(ray_runtime, tmp_path, tiny_bert):
@@ -109,7 +120,7 @@ def test_a_two_worker_zero2_trial_trains_the_encoder_inside_the_deepspeed_engine
     assert list((result.run_dir.root / "train").rglob("zero_pp_rank_1_*optim_states.pt"))
 
 
-def test_the_registered_ensemble_of_encoder_models_serves_raw_text(encoder_sweep, tmp_path, capsys):
+def test_the_registered_ensemble_of_encoder_models_serves_raw_text(encoder_sweep, clean_env, tmp_path, capsys):
     result, data_dir = encoder_sweep
     run_dir = result.run_dir.root
     assert main(["ensemble", str(run_dir), "--top-k", "3", "--seeds", "2", "--folds", "3", "--bootstrap", "200"]) == 0
@@ -124,3 +135,6 @@ def test_the_registered_ensemble_of_encoder_models_serves_raw_text(encoder_sweep
     served = np.asarray([float(r["prediction"]) for r in rows])
     truth = np.asarray([float(r["label"]) for r in rows])
     assert compute_metrics("mosi", served, truth) == pytest.approx(registered["test"])
+    with MlflowServer(run_dir) as server:
+        check_serves_like_msa_predict(clean_env, "models:/msa-ensemble-synth_regression@champion", server.uri,
+                                      data_dir / "synth_regression.npz", cwd=tmp_path)

@@ -1,10 +1,24 @@
-"""The champion policy's decision (`aliases.decide`) on the standings registration tags give:
-a version becomes champion only by beating the champion on valid, on the same data and metric."""
+"""The champion policy: its decision (`aliases.decide`) on the standings registration tags give
+(a version becomes champion only by beating the champion on valid, on the same data and
+metric), then real sweeps on real Ray registering into one MLflow server one after another
+(a first, a weaker, a stronger, one on other data), `msa registry --dataset` ranking them and
+`msa registry promote` moving champion by hand, and refusing bad promotions."""
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from msa.platform.tracking.aliases import CHALLENGER, CHAMPION, Standing, dataset_of, decide
+import pytest
+import yaml
+
+from msa.platform.cli import main
+from msa.platform.data.readers import write_npz
+from msa.platform.data.synth import synthesize
+from msa.platform.sweep.config import load_sweep_config
+from msa.platform.sweep.driver import run_sweep
+from msa.platform.tracking.aliases import CHALLENGER, CHAMPION, REASON_TAG, REPLACED_TAG, Standing, dataset_of, decide
+from msa.platform.tracking.client import client
+from msa.platform.tracking.registry import register_checkpoint
+from msa.platform.tracking.server import MlflowServer
 
 NAME = "msa-fine-mosi_lite"
 
@@ -48,3 +62,165 @@ def test_versions_of_other_data_or_another_metric_are_not_compared(new, why):
 def test_a_model_of_another_dataset_is_never_champion():
     alias, reason = decide(NAME, standing("1", 0.1, dataset="sims"), None)
     assert alias == CHALLENGER and "model of dataset sims" in reason
+
+
+NAMED = "msa-baseline-synth_regression"
+# (learning rate, epochs) of each sweep's one trial: the first, a weaker and a stronger one
+TRAINING = {"first": (1e-3, 2), "weaker": (1e-6, 1), "stronger": (3e-3, 6)}
+
+
+def one_trial_sweep(root: Path, label: str, uri: str, *, dataset: str = "synth_regression") -> Path:
+    """A sweep of one baseline trial with a fixed config, logging and registering at `uri`."""
+    lr, epochs = TRAINING.get(label, TRAINING["first"])
+    space = root / f"{label}-space.yaml"
+    space.write_text(yaml.safe_dump({"lr": {"type": "fixed", "value": lr}, "model_config.hidden": {"type": "fixed", "value": 32},
+                                     "weight_decay": {"type": "float", "low": 0.0, "high": 1e-6}}))  # one to search
+    path = root / f"{label}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": label, "storage": str(root / "sweeps"), "datasets": [dataset], "models": ["baseline"],
+        "budget": {"trials_per_pair": 1, "max_epochs": epochs},
+        "search": {"sampler": "random", "seed": 0, "scheduler": "none", "spaces": {"baseline": str(space)}},
+        "resources": {"workers_per_trial": 1, "max_concurrent_trials": 1}, "train": {"patience": 10},
+        "tracking": {"uri": uri},
+    }))
+    (row,) = run_sweep(load_sweep_config(path)).pairs
+    return Path(row.best_checkpoint)
+
+
+def aliases_of(mlflow_client, name: str = NAMED) -> dict[str, str]:
+    return {alias: str(version) for alias, version in mlflow_client.get_registered_model(name).aliases.items()}
+
+
+def registry_state(mlflow_client) -> dict:
+    """Every version's tags and the aliases of every msa-* name: what a refused promote must not change."""
+    names = [model.name for model in mlflow_client.search_registered_models()]
+    return {name: (aliases_of(mlflow_client, name),
+                   {v.version: dict(v.tags) for v in mlflow_client.search_model_versions(f"name = '{name}'")})
+            for name in names}
+
+
+@pytest.fixture(scope="module")
+def registry(ray_runtime, tmp_path_factory):
+    """Four sweeps registering into one server, one after another, with the aliases after each;
+    then a fifth version: a checkpoint of the same name registered as a model of another dataset."""
+    root = tmp_path_factory.mktemp("champion")
+    other_data = root / "other" / "synth_regression.npz"  # same name, other clips: another fingerprint
+    other_data.parent.mkdir()
+    write_npz(synthesize("regression", seed=7, sizes={"train": 64, "valid": 24, "test": 24}), other_data)
+    with MlflowServer(root / "store") as server:
+        mlflow_client = client(server.uri)
+        after, checkpoints = {}, {}
+        for label, dataset in (("first", "synth_regression"), ("weaker", "synth_regression"),
+                               ("stronger", "synth_regression"), ("other-data", str(other_data))):
+            checkpoints[label] = one_trial_sweep(root, label, server.uri, dataset=dataset)
+            after[label] = aliases_of(mlflow_client)
+        first = mlflow_client.get_model_version(NAMED, "1")
+        by_hand = mlflow_client.create_run(mlflow_client.get_run(first.run_id).info.experiment_id).info.run_id
+        scores = {key: value for key, value in first.tags.items() if not key.startswith("msa.")}
+        foreign = register_checkpoint(server.uri, by_hand, checkpoints["first"], NAMED, {**scores, "dataset": "mosi_lite"})
+        yield {"uri": server.uri, "client": mlflow_client, "after": after, "foreign": foreign}
+
+
+def test_a_weaker_sweep_becomes_challenger_and_a_stronger_one_takes_champion(registry):
+    mlflow_client, after = registry["client"], registry["after"]
+    versions = {v.version: v for v in mlflow_client.search_model_versions(f"name = '{NAMED}'")}
+    score = {number: float(versions[number].tags["valid_mae"]) for number in ("1", "2", "3")}
+    assert score["2"] > score["1"] > score["3"], score  # the sweeps' configs are weaker and stronger as meant
+
+    assert after["first"] == {CHAMPION: "1"}
+    assert versions["1"].tags[REASON_TAG] == f"no champion of {NAMED} to beat"
+    assert after["weaker"] == {CHAMPION: "1", CHALLENGER: "2"}
+    assert versions["2"].tags[REASON_TAG] == (f"does not beat the champion: valid mae {score['2']:.6g} against "
+                                              f"{score['1']:.6g} of champion version 1 (lower is better)")
+    assert after["stronger"] == {CHAMPION: "3", CHALLENGER: "2"}
+    assert versions["3"].tags[REASON_TAG].startswith(f"beats the champion: valid mae {score['3']:.6g} against")
+    assert versions["1"].tags[REPLACED_TAG].startswith("version 3: beats the champion")
+    # each version's tags name its sweep and data
+    assert {versions[n].tags["msa.sweep"].split("-")[0] for n in ("1", "2", "3")} == {"first", "weaker", "stronger"}
+    assert len({versions[n].tags["dataset_fingerprint"] for n in ("1", "2", "3")}) == 1
+
+
+def test_versions_of_other_data_or_another_dataset_are_challengers_never_compared(registry):
+    mlflow_client, after = registry["client"], registry["after"]
+    other = mlflow_client.get_model_version(NAMED, "4")
+    assert after["other-data"] == {CHAMPION: "3", CHALLENGER: "4"}
+    assert other.tags[REASON_TAG].startswith("not compared with champion version 3: it was trained on other data")
+    foreign = registry["foreign"]
+    assert (foreign.version, foreign.alias) == ("5", CHALLENGER)
+    assert foreign.reason == f"never champion: it is a model of dataset mosi_lite, registered under {NAMED}"
+
+
+def ranking_tables(out: str) -> list[list[list[str]]]:
+    """`msa registry --dataset` output as tables (a title line, a header, rows), rows split on spaces."""
+    tables = []
+    for line in out.splitlines():
+        if " ranked on valid " in line:
+            tables.append([])
+        elif tables and line.split() and line.split()[0].isdigit():
+            tables[-1].append(line.split())
+    return tables
+
+
+def test_msa_registry_dataset_ranks_the_versions_of_every_sweep_on_valid(registry, capsys):
+    assert main(["registry", "--dataset", "synth_regression", "--tracking-uri", registry["uri"]]) == 0
+    out = capsys.readouterr().out
+    newest, older = ranking_tables(out)
+    assert [row[2] for row in newest] == ["4"]  # the other data's table first: it holds the newest version
+    ranked = [row[2] for row in older]
+    assert ranked == ["3", "1", "2"]  # stronger, first, weaker: by valid MAE, lower first
+    assert "beats the champion" in out and "does not beat the champion" in out and "no champion of" in out
+
+    assert main(["registry", "--dataset", "mosi_lite", "--tracking-uri", registry["uri"]]) == 0
+    (foreign,) = ranking_tables(capsys.readouterr().out)
+    assert [row[2] for row in foreign] == ["5"]
+
+    assert main(["registry", "--dataset", "no_such_data", "--tracking-uri", registry["uri"]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"msa: error: no registered model of dataset 'no_such_data' at {registry['uri']} "
+                   "(datasets: mosi_lite, synth_regression)"]
+
+
+def test_bad_promotions_are_one_line_errors_and_change_nothing(registry, capsys):
+    mlflow_client, uri = registry["client"], registry["uri"]
+    before = registry_state(mlflow_client)
+    champion = mlflow_client.get_model_version_by_alias(NAMED, CHAMPION)
+    other_data = next(v.version for v in mlflow_client.search_model_versions(f"name = '{NAMED}'")
+                      if v.tags["dataset"] == "synth_regression"
+                      and v.tags["dataset_fingerprint"] != champion.tags["dataset_fingerprint"])
+    cases = [
+        ([NAMED, "99"], f"promote: {NAMED} has no version 99 (versions: 1, 2, 3, 4, 5)"),
+        (["msa-baseline-no_such_data", "1"], "promote: no registered model 'msa-baseline-no_such_data'"),
+        ([NAMED, "5"], f"promote: version 5 of {NAMED} is a model of dataset mosi_lite, not synth_regression"),
+        ([NAMED, other_data], "promote: dataset fingerprint mismatch"),
+    ]
+    for arguments, message in cases:
+        assert main(["registry", "promote", *arguments, "--reason", "try", "--tracking-uri", uri]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (arguments, err)
+    assert main(["registry", "promote", NAMED, "2", "--reason", "  ", "--tracking-uri", uri]) == 2
+    assert "--reason is empty" in capsys.readouterr().err
+    assert registry_state(mlflow_client) == before
+
+
+def test_promote_moves_champion_by_hand_and_records_who_asked_and_why(registry, capsys):
+    mlflow_client, uri = registry["client"], registry["uri"]
+    was = mlflow_client.get_model_version_by_alias(NAMED, CHAMPION).version
+    target = next(n for n in ("2", "1") if n != was)
+    assert main(["registry", "promote", NAMED, target, "--reason", "audited by hand", "--tracking-uri", uri]) == 0
+    assert f"{NAMED} version {target} is champion (was version {was})" in capsys.readouterr().out
+    promoted = mlflow_client.get_model_version(NAMED, target)
+    assert aliases_of(mlflow_client)[CHAMPION] == target
+    assert promoted.tags["msa.promoted_reason"] == "audited by hand"
+    assert "@" in promoted.tags["msa.promoted_by"] and promoted.tags["msa.promoted_at"].endswith("Z")
+    assert promoted.tags[REASON_TAG].startswith(f"promoted by hand by {promoted.tags['msa.promoted_by']}")
+    assert mlflow_client.get_model_version(NAMED, was).tags[REPLACED_TAG].endswith("audited by hand")
+    assert CHALLENGER not in aliases_of(mlflow_client) or aliases_of(mlflow_client)[CHALLENGER] != target
+
+    # a version of other data takes champion only when asked to with --new-data
+    fingerprint = promoted.tags["dataset_fingerprint"]
+    other = next(v.version for v in mlflow_client.search_model_versions(f"name = '{NAMED}'")
+                 if v.tags["dataset"] == "synth_regression" and v.tags["dataset_fingerprint"] != fingerprint)
+    assert main(["registry", "promote", NAMED, other, "--reason", "new clips", "--new-data", "--tracking-uri", uri]) == 0
+    assert aliases_of(mlflow_client)[CHAMPION] == other
+    assert main(["registry", "promote", NAMED, other, "--reason", "again", "--tracking-uri", uri]) == 0
+    assert "already champion; nothing changed" in capsys.readouterr().out

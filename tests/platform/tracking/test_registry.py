@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -56,6 +57,13 @@ def test_a_modified_checkpoint_is_neither_registered_nor_loaded(sweep, tmp_path)
     # `load_context` of every registered checkpoint goes through LoadedCheckpoint.
     with pytest.raises(MsaError, match=r"checkpoint: SHA-256 of .*model\.pt"):
         LoadedCheckpoint(folder)
+
+
+def test_loading_a_model_leaves_no_mlflow_uri_for_child_processes_to_inherit(sweep, monkeypatch):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    load_registered(f"models:/{MODEL_NAME}@champion", sweep["uri"])
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
 
 
 def test_msa_registry_lists_the_champion_with_its_metrics(sweep, capsys):

@@ -10,20 +10,13 @@ from pathlib import Path
 
 import mlflow.artifacts
 import numpy as np
-from clean_env import invocations_body, invoke, msa_predictions, served
+from clean_env import check_serves_like_msa_predict, invocations_body, invoke, msa_predictions, served, serving_inputs
 
-from msa.platform.data.readers import load_dataset
 from msa.platform.tracking.code_paths import serving_closure
-from msa.platform.tracking.registry import load_registered, split_inputs
+from msa.platform.tracking.registry import load_registered
 
 MODEL_NAME = "msa-baseline-synth_regression"
 MODEL_URI = f"models:/{MODEL_NAME}@champion"
-
-
-def serving_inputs(sweep) -> tuple[Path, dict[str, np.ndarray]]:
-    data = sweep["run_dir"] / "data" / "synth_regression.pkl"
-    dataset = load_dataset(data)
-    return data, split_inputs(dataset.splits["test"], dataset.modalities)
 
 
 def test_a_registered_model_carries_its_serving_path_and_exact_requirements(sweep, tmp_path):
@@ -49,16 +42,15 @@ def test_it_loads_and_predicts_where_import_msa_fails_exactly_as_msa_predict(swe
     refused = clean_env.run("import msa", cwd=tmp_path)
     assert refused.returncode == 1 and "No module named 'msa'" in refused.stderr
 
-    data, inputs = serving_inputs(sweep)
-    predicted = clean_env.predict(MODEL_URI, sweep["uri"], inputs, cwd=tmp_path)
-    expected = msa_predictions(MODEL_URI, sweep["uri"], data, "test", out=tmp_path / "msa_predict.csv")
-    assert np.array_equal(predicted, expected)
-    assert clean_env.guarded_imports() == []  # neither Ray, Optuna nor DeepSpeed was even tried
+    # and neither Ray, Optuna nor DeepSpeed is even tried there
+    check_serves_like_msa_predict(clean_env, MODEL_URI, sweep["uri"], sweep["run_dir"] / "data" / "synth_regression.pkl",
+                                  cwd=tmp_path)
 
 
 def test_mlflow_models_serve_answers_invocations_with_msa_predicts_predictions(sweep, clean_env, tmp_path):
     clean_env.forget_guarded_imports()
-    data, inputs = serving_inputs(sweep)
+    data = sweep["run_dir"] / "data" / "synth_regression.pkl"
+    inputs = serving_inputs(MODEL_URI, sweep["uri"], data, "test")
     with served(clean_env, MODEL_URI, sweep["uri"], cwd=tmp_path) as base:
         answered = invoke(base, invocations_body(inputs))
         again = invoke(base, invocations_body({name: value[:5] for name, value in inputs.items()}))
