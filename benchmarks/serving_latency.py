@@ -96,13 +96,10 @@ def post(base: str, body: bytes) -> tuple[float, np.ndarray]:
 
 def measure(model_uri: str, uri: str, data: Path, clips: int, requests: int, scratch: Path) -> dict:
     from msa.platform.data.readers import load_dataset
-    from msa.platform.tracking.pyfunc import RAW_TEXT, split_inputs
-    from msa.platform.tracking.registry import load_registered, spec_from_signature
+    from msa.platform.tracking.registry import load_registered, signature_inputs
 
     model = load_registered(model_uri, uri)
-    signature = model.metadata.signature
-    raw_text = RAW_TEXT in {tensor.name for tensor in signature.inputs.inputs}
-    inputs = split_inputs(load_dataset(data).splits["test"], spec_from_signature(signature).modalities, raw_text=raw_text)
+    inputs = signature_inputs(model.metadata.signature, load_dataset(data).splits["test"])
     inputs = {name: value[:clips] for name, value in inputs.items()}
     in_process = []
     for _ in range(21):

@@ -194,12 +194,9 @@ def serving_inputs(model_uri: str, tracking_uri: str, data: Path, split: str) ->
     """What `msa predict` hands the model for `split` of `data`: the features its signature
     names, and the transcripts for a model with a text encoder (run in the test's process)."""
     from msa.platform.data.readers import load_dataset
-    from msa.platform.tracking.pyfunc import RAW_TEXT, split_inputs
-    from msa.platform.tracking.registry import load_registered, spec_from_signature
+    from msa.platform.tracking.registry import load_registered, signature_inputs
 
-    signature = load_registered(model_uri, tracking_uri).metadata.signature
-    raw_text = RAW_TEXT in {tensor.name for tensor in signature.inputs.inputs}
-    return split_inputs(load_dataset(data).splits[split], spec_from_signature(signature).modalities, raw_text=raw_text)
+    return signature_inputs(load_registered(model_uri, tracking_uri).metadata.signature, load_dataset(data).splits[split])
 
 
 def check_serves_like_msa_predict(env: CleanEnv, model_uri: str, tracking_uri: str, data: Path, *, cwd: Path,

@@ -104,6 +104,17 @@ def spec_from_signature(signature):
                     num_classes=output.shape[1] if classification else 0)
 
 
+def reads_raw_text(signature: ModelSignature) -> bool:
+    """Whether a model of this signature takes transcripts (``raw_text``): it holds a text encoder."""
+    return RAW_TEXT in {tensor.name for tensor in signature.inputs.inputs}
+
+
+def signature_inputs(signature: ModelSignature, split) -> dict[str, np.ndarray]:
+    """A dataset split as the input mapping of a model of `signature`: the features it names, and
+    the transcripts when it reads raw text."""
+    return split_inputs(split, spec_from_signature(signature).modalities, raw_text=reads_raw_text(signature))
+
+
 def register_checkpoint(uri: str, run_id: str, folder: Path, name: str, tags: dict[str, str]) -> Registered:
     """Log `folder` (a checkpoint, or a seed group: every seed's) as a pyfunc model of run
     `run_id`, register it as `name` and give it its alias (`aliases.assign`).
@@ -138,7 +149,7 @@ def register_pyfunc(uri: str, run_id: str, name: str, tags: dict[str, str], *, p
         version = max(existing, key=lambda v: int(v.version)).version
     else:
         root = type(python_model).__module__
-        text_encoder = RAW_TEXT in {tensor.name for tensor in signature.inputs.inputs}
+        text_encoder = reads_raw_text(signature)
         with tempfile.TemporaryDirectory() as scratch, _quiet(), _using(uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=python_model, artifacts=artifacts, signature=signature,
@@ -262,7 +273,7 @@ def predict_splits(model, dataset, splits: list[str], *, what: str) -> dict[str,
     if signature is None:
         raise MsaError(f"{what}: the model has no input signature; it was not registered by msa")
     spec = spec_from_signature(signature)
-    raw_text = RAW_TEXT in {tensor.name for tensor in signature.inputs.inputs}
+    raw_text = reads_raw_text(signature)
     if raw_text and any(split.raw_text is None for split in dataset.splits.values()):
         raise MsaError(f"{what}: the model reads raw text (it has a text encoder) and the data has none")
     given = [m for m in dataset.modalities if not (raw_text and m == "text")]
@@ -273,5 +284,5 @@ def predict_splits(model, dataset, splits: list[str], *, what: str) -> dict[str,
         raise MsaError(f"{what} has {len(dataset.class_names)} classes but the model predicts {spec.num_classes}")
     out = {}
     for name in splits:
-        out[name] = np.asarray(model.predict(split_inputs(dataset.splits[name], spec.modalities, raw_text=raw_text)))
+        out[name] = np.asarray(model.predict(signature_inputs(signature, dataset.splits[name])))
     return out
