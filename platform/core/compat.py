@@ -42,6 +42,26 @@ def present_cluster_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
+def forget_missing_checkpoint(trial) -> str | None:
+    """Make a restored Tune trial start over when the checkpoint its saved state names is gone;
+    returns that checkpoint's path (None when it exists, or the trial has none).
+
+    Tune deletes a trial's previous checkpoint (``num_to_keep``) the moment a new one registers,
+    and saves the experiment state naming the new one a moment later (about 1% of a sweep's
+    time lies in between, measured): a driver killed in between leaves a state naming a deleted
+    checkpoint, and restoring from it fails on every retry ("does not exist on storage anymore")."""
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.storage import _exists_at_fs_path
+
+    manager = trial.run_metadata.checkpoint_manager
+    latest = manager.latest_checkpoint_result
+    if latest is None or _exists_at_fs_path(latest.checkpoint.filesystem, latest.checkpoint.path):
+        return None
+    trial.run_metadata.checkpoint_manager = _CheckpointManager(checkpoint_config=manager.checkpoint_config)
+    trial.run_metadata.invalidate_cache()
+    return latest.checkpoint.path
+
+
 def autoscaler_node_groups() -> list:
     """The node groups of the cluster config the autoscaler registered (empty when none)."""
     from ray._private.state import state

@@ -1,7 +1,7 @@
 """Tune callbacks of a sweep (they run in the driver, inside Tune's controller): the console a
 person follows (and `tune_output`, what Tune and Optuna themselves print meanwhile), the closing
-of each trial's MLflow run however the trial ended, and the detection of a study that has
-finished while other studies still run."""
+of each trial's MLflow run however the trial ended, the detection of a study that has finished
+while other studies still run, and, on a resumed sweep, the trials whose saved checkpoint is gone."""
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.experiment import Trial
 
+from msa.platform.core.compat import forget_missing_checkpoint
 from msa.platform.core.metrics import is_better
 from msa.platform.core.run_dir import RunDir
 from msa.platform.sweep.schedule import OUT_OF_TIME_ATTR, PAIR_KEY
@@ -209,3 +210,22 @@ class StudyWatcher(tune.Callback):
             if study_is_done(self.studies[pair], self.plans[pair].budget):
                 self.open.remove(pair)
                 self.on_done(pair)
+
+
+class LostCheckpoints(tune.Callback):
+    """On a resumed sweep, before any trial starts: an unfinished trial whose saved state names a
+    checkpoint that a killed driver's Tune had already deleted starts over (see
+    `forget_missing_checkpoint`) instead of failing on every retry. Training is seeded, so it
+    trains the epochs it had trained again, identically; MLflow keeps each epoch once."""
+
+    def __init__(self):
+        self.checked = False
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self.checked:
+            return
+        self.checked = True
+        for trial in trials:
+            if trial.status in LIVE and (path := forget_missing_checkpoint(trial)) is not None:
+                print(f"[{trial.config[PAIR_KEY]}] trial {trial.trial_id}: its last checkpoint ({path}) was deleted "
+                      f"before the stopped driver saved its state; it starts over", flush=True)

@@ -34,6 +34,7 @@ from msa.platform.data.readers import load_dataset, write_mmsa_pickle
 from msa.platform.data.synth import synthesize
 from msa.platform.data.text import absolute_encoder_path
 from msa.platform.sweep.callbacks import (
+    LostCheckpoints,
     PairPlan,
     StudyWatcher,
     SweepConsole,
@@ -249,7 +250,8 @@ class SweepSession:
 
             callbacks = [SweepConsole(plans),
                          TrialRunCloser({p: c.tracking for p, c in contexts.items()}, self.run_dir, close_trial),
-                         StudyWatcher(plans, self.run_dir, close_when_done, closed)]
+                         StudyWatcher(plans, self.run_dir, close_when_done, closed),
+                         *([LostCheckpoints()] if self.resuming else [])]
             experiment = self.run_dir.tune_experiment
             with tune_output(self.verbose):
                 if self.resuming and tune.Tuner.can_restore(str(experiment)):
@@ -353,7 +355,7 @@ def _restored_tuner(experiment: Path, trainable, callbacks: list, verbose: int) 
     # server address, no driver to close studies): this start's replace them.
     run_config = restored_run_config(tuner)
     run_config.callbacks = [c for c in run_config.callbacks
-                            if not isinstance(c, (SweepConsole, TrialRunCloser, StudyWatcher))] + callbacks
+                            if not isinstance(c, (SweepConsole, TrialRunCloser, StudyWatcher, LostCheckpoints))] + callbacks
     run_config.verbose = verbose
     return tuner
 

@@ -84,7 +84,9 @@ class PruningAwareOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not self._already_finished(trial_id):
-            super().on_trial_result(trial_id, result)
+            with warnings.catch_warnings():  # a trial that started over reports its epochs again; Optuna keeps the first
+                warnings.simplefilter("ignore")
+                super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         trials, completed = searcher_trials(self), searcher_completed(self)
