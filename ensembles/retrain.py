@@ -35,8 +35,10 @@ def training_config(folder: Path) -> dict:
 
 def retrain(source: Path, dataset: FeatureSet, out: Path, *, seed: int, epochs: int | None = None) -> Path:
     """Train `source`'s configuration again into `out` with `seed`; with `epochs`, train exactly
-    that many and keep the last. Reuses `out` when it already holds that very run."""
-    config = {**training_config(source), "seed": seed, "out": str(out)}
+    that many and keep the last. Reuses `out` when it already holds that very run. A fault the
+    sweep injected into its trials (``inject_fault``, to test their retries) is not carried over:
+    nothing retries a retraining."""
+    config = {**training_config(source), "seed": seed, "out": str(out), "inject_fault": "none"}
     if epochs is not None:
         config["epochs"] = epochs
     if Checkpoint(out).exists() and training_config(out) == config:

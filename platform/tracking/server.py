@@ -72,7 +72,9 @@ class MlflowServer:
         ]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         guarded = [sys.executable, "-m", "msa.platform.tracking.guard", str(os.getpid()), self.uri, *command]
-        with self.log_path.open("ab") as log:
+        # A Ctrl-C while the guard is being spawned is held until `self.process` holds it:
+        # raised inside Popen, it would leave a guard that stop() cannot see.
+        with self.log_path.open("ab") as log, _interrupts_held():
             # Guard and server in a process group of their own, so stop() reaches all of them.
             self.process = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
