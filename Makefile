@@ -1,14 +1,16 @@
-# One-command entry points. Both create .venv and install the pinned stack first.
-#   make demo   install, then run the main job end to end: sweep, ensembles, leaderboard (runs/demo/)
-#   make test   install, then run the test suite (with Debian's chromium, when it can be installed,
-#               for the test that renders the HTML leaderboard)
+# One-command entry points. Each creates .venv and installs the pinned stack first.
+#   make demo       install, then run the main job end to end: sweep, ensembles, leaderboard (runs/demo/)
+#   make test       install, then run the whole test suite, as CI does (with Debian's chromium, when it
+#                   can be installed, for the tests that render the HTML leaderboard)
+#   make test-fast  install, then run the fast tier: every test that starts no sweep, cluster,
+#                   driver, MLflow server, browser or clean venv and loads no real weights
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Strict editable installs link each module file; a new module needs a re-install.
 SOURCES := pyproject.toml constraints.txt $(shell find platform models ensembles search_spaces -name '*.py' -o -name '*.yaml' 2>/dev/null)
 
-.PHONY: install browser demo test clean
+.PHONY: install browser demo test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +31,13 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium not installed: the HTML rendering test will skip"
 
+# Two pytest-xdist workers: one runs every test that runs Ray, in order (tests/conftest.py), the
+# other the rest beside it.
 test: install browser
-	$(BIN)/python -m pytest --durations=25
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" --durations=10
 
 clean:
 	rm -rf $(VENV) build *.egg-info

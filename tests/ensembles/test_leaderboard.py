@@ -7,7 +7,7 @@ json, splitting Markdown lines on ``|``) and compared number by number with the 
 HTML page is opened in headless Chromium: a checker page served beside it on 127.0.0.1 loads it
 in an iframe and writes what Chromium built (tables, header texts, row counts, decoded image
 sizes) into its own DOM, which ``--dump-dom`` returns; a ``--screenshot`` of the page must not be
-blank. Those two tests skip, saying why, where /usr/bin/chromium is absent. Nothing is mocked.
+blank. The Chromium tests skip, saying why, where /usr/bin/chromium is absent. Nothing is mocked.
 """
 from __future__ import annotations
 
@@ -50,12 +50,9 @@ MOSI_METRICS = ["acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7", 
 CLASS_METRICS = ["acc", "f1_macro", "precision_macro", "recall_macro"]
 ARROW = {"higher": "↑", "lower": "↓"}
 ESCAPED_NAME = 'mean <all & "3">'
-CHROMIUM = shutil.which("chromium", path="/usr/bin")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage"]
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless HTML check needs /usr/bin/chromium "
-                                                              "(Debian package `chromium`), not installed here")
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,16 +549,15 @@ def served_board(board, tmp_path):
         thread.join(timeout=5)
 
 
-def run_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def run_chromium(chromium: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     profile = tmp_path / "chromium-profile"
-    command = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
+    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
 
-@needs_chromium
-def test_html_renders_in_headless_chromium(board, served_board, tmp_path):
+def test_html_renders_in_headless_chromium(chromium, board, served_board, tmp_path):
     base, requested = served_board
-    done = run_chromium(tmp_path, "--virtual-time-budget=15000", "--dump-dom", f"{base}/check.html")
+    done = run_chromium(chromium, tmp_path, "--virtual-time-budget=15000", "--dump-dom", f"{base}/check.html")
     assert done.returncode == 0, done.stderr[-2000:]
     match = re.search(r'<pre id="result">(.*?)</pre>', done.stdout, re.DOTALL)
     assert match, f"no result element in Chromium's DOM dump: {done.stdout[:500]!r} {done.stderr[-1000:]}"
@@ -647,8 +643,7 @@ frame.addEventListener("load", () => {
 """
 
 
-@needs_chromium
-def test_a_fourteen_row_board_fits_1400_px_without_scrolling_and_ensemble_rows_stay_one_line(tmp_path):
+def test_a_fourteen_row_board_fits_1400_px_without_scrolling_and_ensemble_rows_stay_one_line(chromium, tmp_path):
     """Headless Chromium lays out a 14-row MOSI board (9 seed groups, 4 ensembles of all 9, a
     seed ensemble) in a 1400 px frame: nothing overflows sideways, an ensemble's members are
     folded so its row is as tall as a member's, and each metric column's best is in bold."""
@@ -661,7 +656,7 @@ def test_a_fourteen_row_board_fits_1400_px_without_scrolling_and_ensemble_rows_s
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(site)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        done = run_chromium(tmp_path, "--virtual-time-budget=15000", "--dump-dom",
+        done = run_chromium(chromium, tmp_path, "--virtual-time-budget=15000", "--dump-dom",
                             f"http://127.0.0.1:{server.server_address[1]}/check.html")
     finally:
         server.shutdown()
@@ -733,11 +728,10 @@ def test_latex_is_a_booktabs_table_per_dataset_with_one_row_per_model_and_the_be
     assert (tmp_path / "board.pdf").stat().st_size > 1000
 
 
-@needs_chromium
-def test_html_screenshot_is_not_blank(served_board, tmp_path):
+def test_html_screenshot_is_not_blank(chromium, served_board, tmp_path):
     base, _ = served_board
     shot = tmp_path / "leaderboard.png"
-    done = run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,1000", "--hide-scrollbars",
+    done = run_chromium(chromium, tmp_path, f"--screenshot={shot}", "--window-size=1400,1000", "--hide-scrollbars",
                         f"{base}/leaderboard.html")
     assert done.returncode == 0, done.stderr[-2000:]
     assert shot.is_file(), done.stderr[-2000:]

@@ -1,137 +1,105 @@
-"""Real sweeps: Ray Tune + Optuna over Ray Train trials running DeepSpeed on the CPU.
+"""Real sweeps: Ray Tune + Optuna over trials running DeepSpeed on the CPU.
 
-The interrupt/resume test drives the `msa` console script (its own Ray) and runs first; the
-others share the session's Ray runtime."""
+The matrix schedule and ASHA are read off the session's reference sweep (conftest.py). The
+interrupt/resume and Ctrl-C tests drive the `msa` console script (its own Ray and MLflow server:
+stopping the driver is what they test). The fault tests run their own small sweeps on the
+session's Ray and MLflow server, each on a data file named after it (its registered names are its
+own), except the one that crashes its tracking server."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
+import secrets
+import shutil
 import signal
-import sqlite3
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
-import optuna
 import pytest
+import torch
 import yaml
+from helpers import (
+    finished_mtimes,
+    reap_orphaned_ray_agents,
+    interrupt_until_it_returns,
+    saved_checkpoints,
+    seed_histories,
+    stop_when_finished,
+    store_client,
+    studies,
+    sweep_config,
+    sweep_yaml,
+    synth_data,
+    trial_runs,
+    versions_of,
+)
 from optuna.trial import TrialState
 
+from msa.platform.core.config import to_plain
 from msa.platform.core.errors import MsaError
 from msa.platform.core.run_dir import RunDir
 from msa.platform.data.synth import synthesize
 from msa.platform.sweep.config import load_sweep_config
 from msa.platform.sweep.driver import run_sweep, trial_param_space
 from msa.platform.sweep.search_space import load_search_space
-from msa.platform.training.config import SWEEP_OWNED
+from msa.platform.training.checkpoint import Checkpoint, SeedGroup
+from msa.platform.training.config import SWEEP_OWNED, TrainConfig
+from msa.platform.training.loop import train_loop
+from msa.platform.training.text_encoder import load_encoder
 
-MSA = str(Path(sys.executable).parent / "msa")
-
-
-def write_config(tmp_path: Path, **sections) -> Path:
-    config = {"name": "t", "storage": str(tmp_path / "sweeps"), "train": {"patience": 5}, **sections}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+REFERENCE_PAIRS = ["baseline-synth_regression", "baseline-synth_classification", "tfn-synth_regression",
+                   "tfn-synth_classification"]
 
 
-def schema_written(db: Path) -> bool:
-    """Whether Optuna has finished creating the database (read-only: opening one that the sweep
-    is still creating with Optuna would race it to insert the schema version, once seen in CI)."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
-            return connection.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
-    except sqlite3.Error:
-        return False
-
-
-def studies(run_dir: Path) -> dict[str, optuna.Study]:
-    """The run's studies; a database the sweep is still creating, or has created but not yet
-    written its study into (the test polls a running sweep), is left out."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    found = {}
-    for db in sorted((run_dir / "optuna").glob("*.db")):
-        storage = f"sqlite:///{db}"
-        if schema_written(db) and db.stem in optuna.get_all_study_names(storage):
-            found[db.stem] = optuna.load_study(study_name=db.stem, storage=storage)
-    return found
-
-
-def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-
-
-def trial_runs(mlflow_client, run_dir: Path) -> list:
-    experiment = mlflow_client.get_experiment_by_name(run_dir.name)
-    return mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`msa.role` = 'trial'")
-
-
-def finished_mtimes(run_dir: Path) -> dict[str, float]:
-    """Each finished trial's Ray id (in every study) -> when its checkpoint's metrics.json was last written."""
-    return {t.user_attrs["ray_trial_id"]: (RunDir(run_dir).trial(name, t.user_attrs["ray_trial_id"]) / "metrics.json").stat().st_mtime
-            for name, study in studies(run_dir).items() for t in finished(study)}
-
-
-def stop_when_finished(driver: subprocess.Popen, run_dir_glob, count: int, signum: int) -> Path:
-    """Send `signum` to the sweep `driver` once its study holds `count` finished trials."""
-    deadline = time.time() + 420
-    while time.time() < deadline and driver.poll() is None:
-        time.sleep(1)
-        run_dirs = list(run_dir_glob())
-        if run_dirs and (run_dirs[0] / "optuna").exists() and sum(len(finished(s)) for s in studies(run_dirs[0]).values()) >= count:
-            driver.send_signal(signum)
-            return run_dirs[0]
-    raise AssertionError(f"the sweep never reached {count} finished trials: {driver.communicate(timeout=60)[0][-3000:]}")
-
-
-def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_losing_trials(tmp_path, tracking_store):
-    """Two studies running at once (one trial each, two slots). Ctrl-C, resume, SIGKILL of the
-    driver, resume: every trial finished before each stop is kept once (Optuna, Ray, MLflow) and
-    never run again; each study ends with exactly its budget of 3 and is registered once. The
-    drivers run with cloud credentials in their environment: they reach no file of the run."""
-    import secrets
-
+def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_losing_trials(ray_driver, tmp_path):
+    """Two studies running at once (one trial each, two slots), each trial a group of 2 seeds.
+    Ctrl-C, resume, SIGKILL of the driver while a group trains, resume: every trial finished
+    before each stop is kept once (Optuna, Ray, MLflow) and never run again, every seed of every
+    group has each epoch once; each study ends with exactly its budget of 3 and is registered
+    once. The killed driver's saved state is then made to name a checkpoint Tune had deleted, as
+    a kill in the moment between Tune deleting a trial's previous checkpoint and saving its state
+    leaves it (once seen in CI as a FAIL trial after the resume): that trial starts over instead.
+    The drivers run with cloud credentials in their environment: they reach no file of the run.
+    (Its own drivers and their own MLflow servers: stopping them is the test.)"""
     secret = secrets.token_hex(20)
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-           "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": "AKIA" + secret[:16].upper(), "MLFLOW_TRACKING_TOKEN": secret}
-    config = write_config(
-        tmp_path, datasets=["synth_regression"], models=["baseline", "tfn"],
-        budget={"trials_per_pair": 3, "max_epochs": 3}, search={"scheduler": "none", "seed": 1},
-        resources={"workers_per_trial": 1, "max_concurrent_trials": 2, "max_trials_per_pair": 1},
-    )
-    run_dir_glob = lambda: (tmp_path / "sweeps").glob("t-*")  # noqa: E731
-    driver = subprocess.Popen([MSA, "sweep", str(config)], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env)
-    run_dir = stop_when_finished(driver, run_dir_glob, 2, signal.SIGINT)
-    output = driver.communicate(timeout=240)[0]
-    assert driver.returncode == 130, output[-3000:]
+    env = {**ray_driver.env, "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": "AKIA" + secret[:16].upper(),
+           "MLFLOW_TRACKING_TOKEN": secret}
+    config = sweep_yaml(tmp_path, models=["baseline", "tfn"], budget={"trials_per_pair": 3, "seeds_per_trial": 2, "max_epochs": 3},
+                        search={"seed": 1}, resources={"max_concurrent_trials": 2, "max_trials_per_pair": 1})
+    run_dirs = lambda: (tmp_path / "sweeps").glob("t-*")  # noqa: E731
+    process = ray_driver.start("sweep", str(config), cwd=tmp_path, env=env)
+    run_dir = stop_when_finished(process, run_dirs, 2, signal.SIGINT)
+    output = process.communicate(timeout=240)[0]
+    assert process.returncode == 130, output[-3000:]
     assert "msa sweep --resume" in output
     before_interrupt = finished_mtimes(run_dir)
     assert 2 <= len(before_interrupt) < 6
-    with tracking_store(run_dir) as mlflow_client:  # the interrupted sweep's open runs were ended
-        experiment = mlflow_client.get_experiment_by_name(run_dir.name)
-        statuses = {(r.data.tags["msa.role"], r.data.tags.get("msa.study_closed")): r.info.status for r in
-                    mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`msa.role` != 'trial'")}
-        assert statuses[("sweep", None)] == "KILLED"
-        assert {status for (role, closed), status in statuses.items() if role == "study"} <= {"KILLED", "FINISHED"}
-        assert all(closed == "true" for (role, closed), status in statuses.items() if status == "FINISHED")
+    mlflow_client = store_client(run_dir)  # the interrupted sweep's open runs were ended
+    experiment = mlflow_client.get_experiment_by_name(run_dir.name)
+    statuses = {(r.data.tags["msa.role"], r.data.tags.get("msa.study_closed")): r.info.status for r in
+                mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`msa.role` != 'trial'")}
+    assert statuses[("sweep", None)] == "KILLED"
+    assert {status for (role, closed), status in statuses.items() if role == "study"} <= {"KILLED", "FINISHED"}
+    assert all(closed == "true" for (role, closed), status in statuses.items() if status == "FINISHED")
 
-    driver = subprocess.Popen([MSA, "sweep", "--resume", str(run_dir)], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env)
-    stop_when_finished(driver, run_dir_glob, len(before_interrupt) + 2, signal.SIGKILL)
-    driver.communicate(timeout=60)
+    process = ray_driver.start("sweep", "--resume", str(run_dir), cwd=tmp_path, env=env)
+    stop_when_finished(process, run_dirs, len(before_interrupt) + 2, signal.SIGKILL, until=saved_checkpoints)
+    process.communicate(timeout=60)
     before_kill = finished_mtimes(run_dir)
     assert len(before_kill) < 6
     time.sleep(3)  # the tracking server's guard notices its driver is gone within a second
     assert not subprocess.run(["pgrep", "-f", f"{run_dir}/mlflow/mlflow.db"], capture_output=True).stdout
+    reap_orphaned_ray_agents()
+    lost_trial, lost = next(iter(saved_checkpoints(run_dir).items()))
+    shutil.rmtree(lost)
 
-    resumed = subprocess.run([MSA, "sweep", "--resume", str(run_dir)], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=900, env=env)
+    resumed = ray_driver.run("sweep", "--resume", str(run_dir), cwd=tmp_path, env=env, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"trial {lost_trial}: its last checkpoint ({lost}) was deleted" in resumed.stdout
     ray_ids = []
     assert set(studies(run_dir)) == {"baseline-synth_regression", "tfn-synth_regression"}
     for study in studies(run_dir).values():
@@ -140,8 +108,8 @@ def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_losing_trial
         assert all(t.state == TrialState.COMPLETE for t in study.trials), [(t.number, t.state, t.user_attrs) for t in study.trials]
     assert len(set(ray_ids)) == 6
     after = finished_mtimes(run_dir)
-    for trial_id, mtime in {**before_interrupt, **before_kill}.items():  # finished before a stop: not run again
-        assert after[trial_id] == mtime
+    for trial_id, mtimes in {**before_interrupt, **before_kill}.items():  # finished before a stop: not run again
+        assert after[trial_id] == mtimes
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [(row["trials"], row["complete"]) for row in summary] == [(3, 3), (3, 3)]
     # Ray's own record of each trial. Not asserted for trials finished under the killed driver:
@@ -149,18 +117,25 @@ def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_losing_trial
     # one that finished in the last seconds before a SIGKILL has none (RELIABILITY.md).
     for trial_id in [*before_interrupt, *(i for i in ray_ids if i not in before_kill)]:
         assert (RunDir(run_dir).tune_experiment / trial_id / "result.json").is_file()
-    with tracking_store(run_dir) as mlflow_client:  # each trial one run, continued across stops
-        runs = {r.data.tags["ray_trial_id"]: r for r in trial_runs(mlflow_client, run_dir)}
-        # A trial the killed driver had started but not yet saved in Tune's state went on under a
-        # new Ray id; its first run is closed KILLED.
-        assert {i: r.info.status for i, r in runs.items() if i not in ray_ids} in ({}, {i: "KILLED" for i in runs if i not in ray_ids})
-        assert {runs[i].info.status for i in ray_ids} == {"FINISHED"}
-        for run in (runs[i] for i in ray_ids):
-            steps = sorted(m.step for m in mlflow_client.get_metric_history(run.info.run_id, "valid_mae"))
-            assert steps == [1, 2, 3], (run.data.tags["ray_trial_id"], steps)
-            assert len(mlflow_client.get_metric_history(run.info.run_id, "test_mae")) == 1  # closed once
-        for name in ("msa-baseline-synth_regression", "msa-tfn-synth_regression"):  # each study registered once
-            assert len(mlflow_client.search_model_versions(f"name = '{name}'")) == 1
+    folders = {t.user_attrs["ray_trial_id"]: RunDir(run_dir).trial(pair, t.user_attrs["ray_trial_id"])
+               for pair, study in studies(run_dir).items() for t in study.trials}
+    for folder in folders.values():  # every group whole: both seeds, each epoch once
+        assert SeedGroup(folder).exists() and SeedGroup(folder).seeds == [1, 2]
+        assert [[int(r["epoch"]) for r in history] for history in seed_histories(folder).values()] == [[1, 2, 3]] * 2
+    runs = {r.data.tags["ray_trial_id"]: r for r in trial_runs(mlflow_client, run_dir)}  # each trial one run,
+    # continued across stops. A trial the killed driver had started but not yet saved in Tune's
+    # state went on under a new Ray id; its first run is closed KILLED.
+    assert {i: r.info.status for i, r in runs.items() if i not in ray_ids} in ({}, {i: "KILLED" for i in runs if i not in ray_ids})
+    assert {runs[i].info.status for i in ray_ids} == {"FINISHED"}
+    for run in (runs[i] for i in ray_ids):
+        for name in ("valid_mae", "seed1_valid_mae", "seed2_valid_mae"):
+            steps = sorted(m.step for m in mlflow_client.get_metric_history(run.info.run_id, name))
+            assert steps == [1, 2, 3], (run.data.tags["ray_trial_id"], name, steps)
+        assert len(mlflow_client.get_metric_history(run.info.run_id, "test_mae")) == 1  # closed once
+    for name in ("msa-baseline-synth_regression", "msa-tfn-synth_regression"):  # each study registered once
+        versions = versions_of(mlflow_client, name)
+        assert len(versions) == 1
+        assert versions[0].tags["seeds"] == "1,2"  # a whole group
     files = [p for p in run_dir.rglob("*") if p.is_file()]  # MLflow's SQLite store and artifacts included
     assert any(p.name == "mlflow.db" for p in files) and any(p.name == "model.pt" for p in files)
     leaking = [str(p.relative_to(run_dir)) for p in files
@@ -190,48 +165,29 @@ SWEEP_MOMENTS = {
 
 
 @pytest.mark.parametrize("command, moment", [*(("sweep", m) for m in SWEEP_MOMENTS), ("run", "server launched")])
-def test_ctrl_c_at_any_moment_of_a_sweeps_start_leaves_no_mlflow_server(tmp_path, command, moment):
-    config = write_config(tmp_path, datasets=["synth_regression"], models=["baseline"],
-                          budget={"trials_per_pair": 2, "max_epochs": 2}, search={"scheduler": "none"})
+def test_ctrl_c_at_any_moment_of_a_sweeps_start_leaves_no_mlflow_server(ray_driver, tmp_path, command, moment):
+    # Its own driver and server: the command's Ctrl-C, and the server it starts, are what it tests.
+    config = sweep_yaml(tmp_path, budget={"trials_per_pair": 2})
     out = tmp_path / "out.txt"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with out.open("w") as handle:
-        driver = subprocess.Popen([MSA, command, str(config)], cwd=tmp_path, stdout=handle, stderr=subprocess.STDOUT,
-                                  text=True, env=env)
+        process = ray_driver.start(command, str(config), cwd=tmp_path, stdout=handle)
     try:
         deadline = time.time() + 180
         while not SWEEP_MOMENTS[moment](tmp_path, out):
-            assert time.time() < deadline and driver.poll() is None, out.read_text()[-3000:]
+            assert time.time() < deadline and process.poll() is None, out.read_text()[-3000:]
             time.sleep(0.05)
     finally:
-        interrupt_until_it_returns(driver)
-    assert driver.returncode == 130, out.read_text()[-3000:]
+        interrupt_until_it_returns(process)
+    assert process.returncode == 130, out.read_text()[-3000:]
     assert mlflow_processes_under(tmp_path) == [], "the sweep's MLflow server must stop with the command"
-
-
-def interrupt_until_it_returns(driver: subprocess.Popen, every_s: float = 10.0, tries: int = 6) -> None:
-    """Ctrl-C, again as a person would if the command goes on: a SIGINT that lands while Python
-    forks a process (Ray's start forks several) is lost, since CPython ignores an exception raised
-    in its at-fork handlers (RELIABILITY.md, Limits)."""
-    for _ in range(tries):
-        driver.send_signal(signal.SIGINT)
-        try:
-            driver.wait(timeout=every_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    driver.kill()
-    raise AssertionError(f"the command did not stop after {tries} Ctrl-C")
 
 
 def test_resume_refuses_a_different_config(tmp_path):
     from msa.platform.cli import main
 
-    config = write_config(tmp_path, datasets=["synth_regression"], models=["baseline"])
+    config = sweep_yaml(tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    from msa.platform.core.config import to_plain
-
     (run_dir / "sweep.yaml").write_text(yaml.safe_dump(to_plain(load_sweep_config(config))))
     assert main(["sweep", "--resume", str(run_dir), str(config), "budget.trials_per_pair=3"]) == 2
 
@@ -248,56 +204,17 @@ def test_every_trial_gets_each_sweep_owned_key_from_the_sweep(demo_path):
 
 
 def test_infeasible_trial_resources_fail_fast(ray_runtime, tmp_path):
-    config = load_sweep_config(write_config(
-        tmp_path, datasets=["synth_regression"], models=["baseline"],
-        resources={"workers_per_trial": 3, "cpus_per_worker": 1},
-    ))
-    started = time.time()
+    config = sweep_config(tmp_path, resources={"workers_per_trial": 3, "cpus_per_worker": 1})
     with pytest.raises(MsaError, match=r"a trial needs 3 workers x \{CPU: 1\} \(placement PACK\) but the cluster can hold "
-                                       r"at most 2 such workers across the nodes"):
+                                       r"at most 2 such workers across the nodes"):  # a message, not a hang
         run_sweep(config)
-    assert time.time() - started < 120  # a message, not a hang
     assert not (tmp_path / "sweeps").exists()  # and no run directory, nor the storage folder it made
 
 
 def test_an_address_is_refused_when_the_process_already_runs_ray(ray_runtime, tmp_path):
-    config = load_sweep_config(write_config(tmp_path, datasets=["synth_regression"], models=["baseline"]))
     with pytest.raises(MsaError, match=r"cannot join the Ray cluster at 'head-node:6379': this process already runs Ray"):
-        run_sweep(config, address="head-node:6379")
+        run_sweep(sweep_config(tmp_path), address="head-node:6379")
     assert not (tmp_path / "sweeps").exists()
-
-
-def test_two_models_two_datasets_two_workers_zero1_with_asha_pruning(ray_runtime, tmp_path):
-    config = load_sweep_config(write_config(
-        tmp_path, name="grid", datasets=["synth_regression", "synth_classification"], models=["baseline", "tfn"],
-        budget={"trials_per_pair": 2, "max_epochs": 3},
-        search={"sampler": "tpe", "seed": 0, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
-        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 1},
-        deepspeed={"zero_stage": 1},
-    ))
-    rows = run_sweep(config).pairs
-    (run_dir,) = (tmp_path / "sweeps").glob("grid-*")
-
-    assert [r.pair for r in rows] == [
-        "baseline-synth_regression", "baseline-synth_classification", "tfn-synth_regression", "tfn-synth_classification"
-    ]
-    assert {r.metric for r in rows} == {"valid_mae", "valid_acc"}
-    for row in rows:
-        assert row.trials == 2 and row.failed == 0 and row.complete + row.pruned == 2
-        folder = Path(row.best_checkpoint)
-        metrics = json.loads((folder / "metrics.json").read_text())
-        assert hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest() == metrics["weights_sha256"]
-
-    all_studies = studies(run_dir)
-    pruned = [t for s in all_studies.values() for t in s.trials if t.state == TrialState.PRUNED]
-    assert pruned, "ASHA stopped no trial; Optuna must list scheduler-stopped trials as PRUNED"
-    for trial in pruned:  # Optuna's value of a pruned trial is its last intermediate value
-        assert trial.intermediate_values, "a pruned trial must keep its per-epoch values"
-        assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
-        assert max(trial.intermediate_values) < 3  # stopped before max_epochs
-    # Two data-parallel ranks per trial: ZeRO-1 writes one optimizer shard per rank.
-    assert list((run_dir / "train").rglob("zero_pp_rank_1_*optim_states.pt"))
-    assert (run_dir / "summary.csv").is_file()
 
 
 def trial_spans(run_dir: Path) -> dict[str, tuple[str, float, float]]:
@@ -315,33 +232,21 @@ def overlap(a: tuple[str, float, float], b: tuple[str, float, float]) -> float:
     return min(a[2], b[2]) - max(a[1], b[1])
 
 
-def test_a_two_by_two_sweep_runs_its_studies_at_once_within_the_per_pair_cap(ray_runtime, tmp_path, tracking_store,
-                                                                             capsys):
-    """Two slots, at most one trial per pair at a time: Ray's records show trials of different
-    pairs running together and never two of one pair; each pair keeps its own budget, and the
-    first study is registered while the last still runs. The console has one line per trial
-    event and per registration, status lines per pair, and not Ray's trial table."""
-    config = load_sweep_config(write_config(
-        tmp_path, name="matrix", datasets=["synth_regression", "synth_classification"], models=["baseline", "tfn"],
-        budget={"trials_per_pair": 3, "max_epochs": 3},
-        search={"seed": 0, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
-        resources={"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2, "max_trials_per_pair": 1},
-    ))
-    rows = run_sweep(config).pairs
-    console = capsys.readouterr().out.splitlines()
-    (run_dir,) = (tmp_path / "sweeps").glob("matrix-*")
+def test_a_two_by_two_sweep_runs_its_studies_at_once_within_the_per_pair_cap(reference_sweep, mlflow_client):
+    """The reference sweep: two slots, at most one trial per pair at a time. Ray's records show
+    trials of different pairs running together and never two of one pair; each pair keeps its
+    own budget, and the first study is registered while the last still runs. The console has one
+    line per trial event and per registration, status lines per pair, and not Ray's trial table."""
+    console, run_dir, rows = reference_sweep.console, reference_sweep.run_dir, reference_sweep.pairs
     events = [line for line in console if re.fullmatch(r"\[[a-z_-]+\] trial \w+ (complete|pruned) at epoch \d: .*", line)]
     assert len(events) == 12, console
     assert sum(re.match(r"\[[a-z_-]+ *\] \d/3 done", line) is not None for line in console) >= 4  # one per pair
     assert sum(" registered msa-" in line for line in console) == 4
     assert not any("Trial name" in line or "Configuration for experiment" in line for line in console)
-    assert [(r.pair, r.trials, r.failed) for r in rows] == [
-        ("baseline-synth_regression", 3, 0), ("baseline-synth_classification", 3, 0),
-        ("tfn-synth_regression", 3, 0), ("tfn-synth_classification", 3, 0)]
+    assert [(r.pair, r.trials, r.failed) for r in rows] == [(pair, 3, 0) for pair in REFERENCE_PAIRS]
     spans = trial_spans(run_dir)
     assert len(spans) == 12
-    pairs_of = {pair for pair, _, _ in spans.values()}
-    assert pairs_of == {r.pair for r in rows}
+    assert {pair for pair, _, _ in spans.values()} == set(REFERENCE_PAIRS)
     together = [overlap(a, b) for a in spans.values() for b in spans.values() if a[0] < b[0]]
     assert max(together) > 1.5, sorted(spans.values(), key=lambda span: span[1])  # beyond the 1 s resolution
     for a_id, a in spans.items():  # the cap of one per pair (1 s: the records' resolution)
@@ -349,42 +254,65 @@ def test_a_two_by_two_sweep_runs_its_studies_at_once_within_the_per_pair_cap(ray
             if a_id < b_id and a[0] == b[0]:
                 assert overlap(a, b) <= 1.0, (a_id, a, b_id, b)
     last_end = max(end for _, _, end in spans.values())
-    with tracking_store(run_dir) as mlflow_client:
-        (first,) = mlflow_client.search_model_versions("name = 'msa-baseline-synth_regression'")
-        assert first.creation_timestamp / 1000 < last_end - 2, "registered only at the end of the sweep"
-        studies_runs = [r for r in mlflow_client.search_runs(
-            [mlflow_client.get_experiment_by_name(run_dir.name).experiment_id], filter_string="tags.`msa.role` = 'study'")]
-        assert {r.info.status for r in studies_runs} == {"FINISHED"} and len(studies_runs) == 4
+    (first,) = versions_of(mlflow_client, "msa-baseline-synth_regression")
+    assert first.creation_timestamp / 1000 < last_end - 2, "registered only at the end of the sweep"
+    studies_runs = mlflow_client.search_runs([mlflow_client.get_experiment_by_name(run_dir.name).experiment_id],
+                                             filter_string="tags.`msa.role` = 'study'")
+    assert {r.info.status for r in studies_runs} == {"FINISHED"} and len(studies_runs) == 4
 
 
-def test_a_pair_out_of_time_ends_its_study_without_interrupting_the_sweep(ray_runtime, tmp_path, tracking_store):
-    """`time_budget_s` per pair: after the first trial (several seconds) the 1 s budget is spent,
-    so no second trial starts; the study records it, is closed and registered, and the sweep
-    returns normally instead of reporting an interruption."""
-    config = load_sweep_config(write_config(
-        tmp_path, name="timed", datasets=["synth_regression"], models=["baseline"],
-        budget={"trials_per_pair": 5, "max_epochs": 3, "time_budget_s": 1.0}, search={"scheduler": "none"},
-        resources={"workers_per_trial": 1, "max_concurrent_trials": 1},
-    ))
-    (row,) = run_sweep(config).pairs
+def test_asha_prunes_trials_of_a_matrix_sweep_and_optuna_keeps_what_they_reached(reference_sweep):
+    """The reference sweep's pairs in the sweep's order, each with its metric, budget and a best
+    checkpoint whose weights match their recorded SHA-256; ASHA stopped some trials, which
+    Optuna lists as PRUNED with their per-epoch values."""
+    rows, run_dir = reference_sweep.pairs, reference_sweep.run_dir
+    assert [r.pair for r in rows] == REFERENCE_PAIRS
+    assert [r.metric for r in rows] == ["valid_mae", "valid_acc", "valid_mae", "valid_acc"]
+    for row in rows:
+        assert row.trials == 3 and row.failed == 0 and row.complete + row.pruned == 3
+        folder = Path(row.best_checkpoint)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest() == metrics["weights_sha256"]
+    pruned = [t for s in studies(run_dir).values() for t in s.trials if t.state == TrialState.PRUNED]
+    assert pruned, "ASHA stopped no trial; Optuna must list scheduler-stopped trials as PRUNED"
+    for trial in pruned:  # Optuna's value of a pruned trial is its last intermediate value
+        assert trial.intermediate_values, "a pruned trial must keep its per-epoch values"
+        assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
+        assert max(trial.intermediate_values) < 3  # stopped before max_epochs
+    assert (run_dir / "summary.csv").is_file()
+
+
+def test_a_pair_out_of_time_ends_its_study_and_lets_its_running_seed_group_finish_whole(ray_runtime, mlflow_client,
+                                                                                       tmp_path):
+    """`time_budget_s` per pair stops groups from starting, never a running one: the 1 s budget
+    runs out while the first group (2 seeds, several seconds) trains. That group still trains
+    both its seeds to the end, no second one starts, the study records that it ran out, is closed
+    and registered once, and the sweep returns normally instead of reporting an interruption."""
+    config = sweep_config(tmp_path, name="timed", datasets=[str(synth_data(tmp_path, "timed"))], train={"patience": 10},
+                          budget={"trials_per_pair": 4, "seeds_per_trial": 2, "max_epochs": 3, "time_budget_s": 1.0},
+                          tracking={"uri": mlflow_client.tracking_uri})
+    (row,) = run_sweep(config).pairs  # its own sweep: the time budget is what it tests
     (run_dir,) = (tmp_path / "sweeps").glob("timed-*")
     (study,) = studies(run_dir).values()
     assert (row.trials, row.complete) == (1, 1) and len(study.trials) == 1
     assert study.user_attrs["out_of_time"] is True
-    with tracking_store(run_dir) as mlflow_client:
-        assert len(mlflow_client.search_model_versions("name = 'msa-baseline-synth_regression'")) == 1
+    group = SeedGroup(row.best_checkpoint)
+    assert group.exists() and group.seeds == [0, 1]
+    assert [[int(r["epoch"]) for r in history] for history in seed_histories(group.folder).values()] == [[1, 2, 3]] * 2
+    versions = versions_of(mlflow_client, "msa-baseline-timed")
+    assert len(versions) == 1  # closed and registered once
+    assert versions[0].tags["seeds"] == "0,1" and versions[0].tags["ray_trial_id"] == group.folder.name
 
 
-def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_on(ray_runtime, tmp_path, tracking_store):
+def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_on(ray_runtime, mlflow_client, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: categorical, choices: [1.0e-3, 1.0e+30]}  # 1e30: the loss is NaN in epoch 1\n")
-    config = load_sweep_config(write_config(
-        tmp_path, name="failing", datasets=["synth_regression"], models=["baseline"],
-        budget={"trials_per_pair": 4, "max_epochs": 2},
-        search={"sampler": "random", "seed": 0, "scheduler": "none", "spaces": {"baseline": str(space)}},
-        resources={"workers_per_trial": 1, "max_concurrent_trials": 2, "max_failures": 1},
-    ))
-    (row,) = run_sweep(config).pairs
+    config = sweep_config(tmp_path, name="failing", datasets=[str(synth_data(tmp_path, "failing"))],
+                          budget={"trials_per_pair": 4},
+                          search={"sampler": "random", "seed": 0, "spaces": {"baseline": str(space)}},
+                          resources={"max_concurrent_trials": 2, "max_failures": 1},
+                          tracking={"uri": mlflow_client.tracking_uri})
+    (row,) = run_sweep(config).pairs  # its own sweep: trials that fail on purpose, then --resume
     (run_dir,) = (tmp_path / "sweeps").glob("failing-*")
 
     (study,) = studies(run_dir).values()
@@ -403,15 +331,15 @@ def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_o
         reason = error_log.strip().splitlines()[-1].strip()
         assert reason.endswith("NonFiniteLossError: training loss became nan in epoch 1; lower lr or check the data")
         assert trial.user_attrs["fail_reason"] == reason
-    with tracking_store(run_dir) as mlflow_client:  # two attempts of a failed trial: one run, FAILED
-        runs = {r.data.tags["ray_trial_id"]: r for r in trial_runs(mlflow_client, run_dir)}
-        assert len(runs) == 4
-        for trial in failed:
-            run = runs[trial.user_attrs["ray_trial_id"]]
-            assert run.info.status == "FAILED" and run.data.tags["msa.trial_state"] == "failed"
-            assert run.data.tags["msa.fail_reason"] == trial.user_attrs["fail_reason"]
-            assert run.data.params["lr"] == "1e+30"
-        assert {runs[t.user_attrs["ray_trial_id"]].info.status for t in complete} == {"FINISHED"}
+    # two attempts of a failed trial: one run, FAILED
+    runs = {r.data.tags["ray_trial_id"]: r for r in trial_runs(mlflow_client, run_dir)}
+    assert len(runs) == 4
+    for trial in failed:
+        run = runs[trial.user_attrs["ray_trial_id"]]
+        assert run.info.status == "FAILED" and run.data.tags["msa.trial_state"] == "failed"
+        assert run.data.tags["msa.fail_reason"] == trial.user_attrs["fail_reason"]
+        assert run.data.params["lr"] == "1e+30"
+    assert {runs[t.user_attrs["ray_trial_id"]].info.status for t in complete} == {"FINISHED"}
 
     # --resume of a sweep whose failed trials used up their retries: none is started again.
     error_logs = {t.user_attrs["ray_trial_id"]: RunDir(run_dir).tune_experiment / t.user_attrs["ray_trial_id"]
@@ -422,10 +350,9 @@ def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_o
     assert {trial_id: path.read_text() for trial_id, path in error_logs.items()} == before  # no new attempt
     (study,) = studies(run_dir).values()
     assert sorted(t.state.name for t in study.trials) == sorted(["FAIL"] * len(failed) + ["COMPLETE"] * len(complete))
-    with tracking_store(run_dir) as mlflow_client:
-        runs = {r.data.tags["ray_trial_id"]: r for r in trial_runs(mlflow_client, run_dir)}
-        assert len(runs) == 4
-        assert {runs[t.user_attrs["ray_trial_id"]].info.status for t in failed} == {"FAILED"}
+    runs = {r.data.tags["ray_trial_id"]: r for r in trial_runs(mlflow_client, run_dir)}
+    assert len(runs) == 4
+    assert {runs[t.user_attrs["ray_trial_id"]].info.status for t in failed} == {"FAILED"}
 
 
 def test_a_raising_trial_resumes_from_its_checkpoint_and_a_crashed_tracking_server_loses_no_epoch(
@@ -434,46 +361,38 @@ def test_a_raising_trial_resumes_from_its_checkpoint_and_a_crashed_tracking_serv
     last checkpoint: its losses match an uninterrupted run. Its MLflow server is SIGKILLed (as the
     OOM killer would) after epoch 1: the guard starts it again on the same port and store, and the
     trial's retried requests land, each epoch once."""
-    import threading
+    store = tmp_path / "tracking"
+    with tracking_store(store) as mlflow_client:  # a server of its own: the test kills it
+        config = sweep_config(tmp_path, name="raise", train={"patience": 6, "inject_fault": "raise", "inject_fault_epoch": 4},
+                              budget={"max_epochs": 6}, tracking={"uri": mlflow_client.tracking_uri})
+        outcome: list = []
+        sweep_thread = threading.Thread(target=lambda: outcome.append(run_sweep(config).pairs))
+        sweep_thread.start()
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((tmp_path / "sweeps").glob("raise-*/trials/*/*/metrics.json")):
+            time.sleep(0.2)  # until the trial has logged epoch 1 and written its best checkpoint
+        pgrep = lambda *args: subprocess.run(["pgrep", *args], capture_output=True, text=True).stdout.split()  # noqa: E731
+        (guard,) = pgrep("-f", f"msa.platform.tracking.guard .*{store}/mlflow/mlflow.db")
+        (server,) = pgrep("-g", guard, "-f", "uvicorn")
+        os.kill(int(server), signal.SIGKILL)
+        sweep_thread.join(timeout=600)
+        assert outcome, "the sweep did not finish"
+        ((row,),) = outcome
+        (run_dir,) = (tmp_path / "sweeps").glob("raise-*")
+        log = RunDir(store).mlflow_log.read_text()
+        assert "[guard] mlflow server exited with status" in log and "starting it again (1/3)" in log
 
-    from msa.platform.training.config import TrainConfig
-    from msa.platform.training.loop import train_loop
+        (study,) = studies(run_dir).values()
+        (trial,) = study.trials
+        # A retry that started over would meet the fault again and, with max_failures 1, fail.
+        assert trial.state == TrialState.COMPLETE and row.complete == 1
+        trial_id = trial.user_attrs["ray_trial_id"]
+        error_log = (RunDir(run_dir).tune_experiment / trial_id / "error.txt").read_text()
+        assert error_log.count("Failure #") == 1 and "injected fault: rank 0 raised at the start of epoch 4" in error_log
 
-    config = load_sweep_config(write_config(
-        tmp_path, name="raise", datasets=["synth_regression"], models=["baseline"],
-        train={"patience": 6, "inject_fault": "raise", "inject_fault_epoch": 4},
-        budget={"trials_per_pair": 1, "max_epochs": 6}, search={"scheduler": "none", "seed": 0},
-        resources={"workers_per_trial": 1, "max_failures": 1},
-    ))
-    outcome: list = []
-    sweep_thread = threading.Thread(target=lambda: outcome.append(run_sweep(config).pairs))
-    sweep_thread.start()
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "sweeps").glob("raise-*/trials/*/*/metrics.json")):
-        time.sleep(0.2)  # until the trial has logged epoch 1 and written its best checkpoint
-    (run_dir,) = (tmp_path / "sweeps").glob("raise-*")
-    pgrep = lambda *args: subprocess.run(["pgrep", *args], capture_output=True, text=True).stdout.split()  # noqa: E731
-    (guard,) = pgrep("-f", f"msa.platform.tracking.guard .*{run_dir}/mlflow/mlflow.db")
-    (server,) = pgrep("-g", guard, "-f", "uvicorn")
-    os.kill(int(server), signal.SIGKILL)
-    sweep_thread.join(timeout=600)
-    assert outcome, "the sweep did not finish"
-    ((row,),) = outcome
-    log = (run_dir / "mlflow" / "server.log").read_text()
-    assert "[guard] mlflow server exited with status" in log and "starting it again (1/3)" in log
-
-    (study,) = studies(run_dir).values()
-    (trial,) = study.trials
-    # A retry that started over would meet the fault again and, with max_failures 1, fail.
-    assert trial.state == TrialState.COMPLETE and row.complete == 1
-    trial_id = trial.user_attrs["ray_trial_id"]
-    error_log = (RunDir(run_dir).tune_experiment / trial_id / "error.txt").read_text()
-    assert error_log.count("Failure #") == 1 and "injected fault: rank 0 raised at the start of epoch 4" in error_log
-
-    resolved = yaml.safe_load((Path(row.best_checkpoint) / "config.yaml").read_text())
-    fields = {k: v for k, v in resolved.items() if k in TrainConfig.__dataclass_fields__}
-    uninterrupted = train_loop({**fields, "inject_fault": "none", "out": str(tmp_path / "uninterrupted")})
-    with tracking_store(run_dir) as mlflow_client:
+        resolved = yaml.safe_load((Path(row.best_checkpoint) / "config.yaml").read_text())
+        fields = {k: v for k, v in resolved.items() if k in TrainConfig.__dataclass_fields__}
+        uninterrupted = train_loop({**fields, "inject_fault": "none", "out": str(tmp_path / "uninterrupted")})
         (run,) = trial_runs(mlflow_client, run_dir)
         assert run.info.status == "FINISHED"
         for name in ("train_loss", "valid_mae"):
@@ -492,25 +411,36 @@ def killed_train_workers(ray_runtime) -> int:
     return sum("worker process has died" in str(actor.death_cause) for actor in dead)
 
 
-def test_a_killed_worker_of_a_two_worker_trial_is_replaced_and_the_trial_resumes_from_its_checkpoint(
-        ray_runtime, tmp_path, tracking_store):
-    config = load_sweep_config(write_config(
-        tmp_path, name="kill", datasets=["synth_regression"], models=["baseline"],
-        train={"patience": 5, "inject_fault": "kill", "inject_fault_epoch": 2},
-        budget={"trials_per_pair": 1, "max_epochs": 3}, search={"scheduler": "none", "seed": 0},
-        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 1, "max_failures": 1},
-    ))
+def test_a_killed_worker_of_a_two_worker_zero2_encoder_trial_is_replaced_and_the_trial_resumes_from_its_checkpoint(
+        ray_runtime, mlflow_client, tmp_path, tiny_bert):
+    """One trial of two data-parallel Ray Train workers under ZeRO-2 that trains the tiny BERT end
+    to end inside the DeepSpeed engine. Rank 1 SIGKILLs itself at the start of epoch 2 of any
+    attempt that did not resume from a checkpoint, so completing within one retry means the new
+    worker group resumed from epoch 1's: the encoder, fine-tuned across both ranks, included."""
+    data = synth_data(tmp_path, "two_workers", sizes={"train": 64, "valid": 24, "test": 24}, suffix=".npz")
+    config = sweep_config(
+        tmp_path, name="kill", datasets=[str(data)], budget={"max_epochs": 3}, deepspeed={"zero_stage": 2},
+        train={"batch_size": 16, "inject_fault": "kill", "inject_fault_epoch": 2,
+               "text_encoder": {"path": str(tiny_bert), "max_length": 12}},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": 1}, tracking={"uri": mlflow_client.tracking_uri},
+    )
     killed_before = killed_train_workers(ray_runtime)
-    (row,) = run_sweep(config).pairs
+    (row,) = run_sweep(config).pairs  # its own sweep: two-worker trials, a worker killed on purpose
     assert killed_train_workers(ray_runtime) == killed_before + 1
     (run_dir,) = (tmp_path / "sweeps").glob("kill-*")
     (study,) = studies(run_dir).values()
     (trial,) = study.trials
-    # Rank 1 SIGKILLs itself at the start of epoch 2 of any attempt that did not resume from a
-    # checkpoint: completing within one retry means the new worker group resumed from epoch 1's.
     assert trial.state == TrialState.COMPLETE and row.complete == 1
-    with tracking_store(run_dir) as mlflow_client:
-        (run,) = trial_runs(mlflow_client, run_dir)
-        assert run.info.status == "FINISHED"
-        steps = sorted(m.step for m in mlflow_client.get_metric_history(run.info.run_id, "train_loss"))
-        assert steps == [1, 2, 3]
+    (run,) = trial_runs(mlflow_client, run_dir)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in mlflow_client.get_metric_history(run.info.run_id, "train_loss")) == [1, 2, 3]
+
+    checkpoint = Checkpoint(row.best_checkpoint)
+    assert checkpoint.config["zero_stage"] == 2 and checkpoint.config["text_encoder"]["freeze_layers"] == 0
+    assert (checkpoint.verified_text_encoder("test") / "tokenizer.json").is_file()  # the encoder's files, digests checked
+    weights = torch.load(checkpoint.verified_weights("test"), weights_only=True)
+    pretrained = load_encoder(tiny_bert).state_dict()
+    assert not torch.equal(weights["encoder.encoder.layer.0.attention.self.query.weight"],
+                           pretrained["encoder.layer.0.attention.self.query.weight"])  # fine-tuned across 2 ranks
+    # ZeRO-2 partitions the optimizer state, encoder included, over the two ranks: one shard per rank
+    assert list((run_dir / "train").rglob("zero_pp_rank_1_*optim_states.pt"))

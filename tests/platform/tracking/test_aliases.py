@@ -5,20 +5,19 @@ metric), then real sweeps on real Ray registering into one MLflow server one aft
 `msa registry promote` moving champion by hand, and refusing bad promotions."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import sweep_config, synth_data
 
 from msa.platform.cli import main
 from msa.platform.data.readers import write_npz
 from msa.platform.data.synth import synthesize
-from msa.platform.sweep.config import load_sweep_config
 from msa.platform.sweep.driver import run_sweep
 from msa.platform.tracking.aliases import CHALLENGER, CHAMPION, REASON_TAG, REPLACED_TAG, Standing, dataset_of, decide
-from msa.platform.tracking.client import client
 from msa.platform.tracking.registry import register_checkpoint
-from msa.platform.tracking.server import MlflowServer
 
 NAME = "msa-fine-mosi_lite"
 
@@ -64,26 +63,21 @@ def test_a_model_of_another_dataset_is_never_champion():
     assert alias == CHALLENGER and "model of dataset sims" in reason
 
 
-NAMED = "msa-baseline-synth_regression"
+NAMED = "msa-baseline-aliased"
 # (learning rate, epochs) of each sweep's one trial: the first, a weaker and a stronger one
 TRAINING = {"first": (1e-3, 2), "weaker": (1e-6, 1), "stronger": (3e-3, 6)}
 
 
-def one_trial_sweep(root: Path, label: str, uri: str, *, dataset: str = "synth_regression") -> Path:
-    """A sweep of one baseline trial with a fixed config, logging and registering at `uri`."""
+def one_trial_sweep(root: Path, label: str, uri: str, *, dataset: str) -> Path:
+    """A sweep of one baseline trial with a fixed config, logging and registering at `uri` (sweeps
+    of their own: the order in which sweeps register is what these tests are about)."""
     lr, epochs = TRAINING.get(label, TRAINING["first"])
     space = root / f"{label}-space.yaml"
     space.write_text(yaml.safe_dump({"lr": {"type": "fixed", "value": lr}, "model_config.hidden": {"type": "fixed", "value": 32},
                                      "weight_decay": {"type": "float", "low": 0.0, "high": 1e-6}}))  # one to search
-    path = root / f"{label}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": label, "storage": str(root / "sweeps"), "datasets": [dataset], "models": ["baseline"],
-        "budget": {"trials_per_pair": 1, "max_epochs": epochs},
-        "search": {"sampler": "random", "seed": 0, "scheduler": "none", "spaces": {"baseline": str(space)}},
-        "resources": {"workers_per_trial": 1, "max_concurrent_trials": 1}, "train": {"patience": 10},
-        "tracking": {"uri": uri},
-    }))
-    (row,) = run_sweep(load_sweep_config(path)).pairs
+    config = sweep_config(root, name=label, datasets=[dataset], budget={"max_epochs": epochs}, train={"patience": 10},
+                          search={"sampler": "random", "spaces": {"baseline": str(space)}}, tracking={"uri": uri})
+    (row,) = run_sweep(config).pairs
     return Path(row.best_checkpoint)
 
 
@@ -100,25 +94,27 @@ def registry_state(mlflow_client) -> dict:
 
 
 @pytest.fixture(scope="module")
-def registry(ray_runtime, tmp_path_factory):
-    """Four sweeps registering into one server, one after another, with the aliases after each;
-    then a fifth version: a checkpoint of the same name registered as a model of another dataset."""
+def registry(ray_runtime, mlflow_client, tmp_path_factory):
+    """Four sweeps registering into the session's server, one after another, with the aliases
+    after each; then a fifth version: a checkpoint of the same name registered as a model of
+    another dataset. Their dataset is `aliased` (the built-in regression set), so the name
+    msa-baseline-aliased is theirs alone on the server."""
     root = tmp_path_factory.mktemp("champion")
-    other_data = root / "other" / "synth_regression.npz"  # same name, other clips: another fingerprint
+    data = synth_data(root, "aliased")
+    other_data = root / "other" / "aliased.npz"  # same name, other clips: another fingerprint
     other_data.parent.mkdir()
-    write_npz(synthesize("regression", seed=7, sizes={"train": 64, "valid": 24, "test": 24}), other_data)
-    with MlflowServer(root / "store") as server:
-        mlflow_client = client(server.uri)
-        after, checkpoints = {}, {}
-        for label, dataset in (("first", "synth_regression"), ("weaker", "synth_regression"),
-                               ("stronger", "synth_regression"), ("other-data", str(other_data))):
-            checkpoints[label] = one_trial_sweep(root, label, server.uri, dataset=dataset)
-            after[label] = aliases_of(mlflow_client)
-        first = mlflow_client.get_model_version(NAMED, "1")
-        by_hand = mlflow_client.create_run(mlflow_client.get_run(first.run_id).info.experiment_id).info.run_id
-        scores = {key: value for key, value in first.tags.items() if not key.startswith("msa.")}
-        foreign = register_checkpoint(server.uri, by_hand, checkpoints["first"], NAMED, {**scores, "dataset": "mosi_lite"})
-        yield {"uri": server.uri, "client": mlflow_client, "after": after, "foreign": foreign}
+    write_npz(dataclasses.replace(synthesize("regression", seed=7, sizes={"train": 64, "valid": 24, "test": 24}),
+                                  name="aliased"), other_data)
+    uri = mlflow_client.tracking_uri
+    after, checkpoints = {}, {}
+    for label, dataset in (("first", data), ("weaker", data), ("stronger", data), ("other-data", other_data)):
+        checkpoints[label] = one_trial_sweep(root, label, uri, dataset=str(dataset))
+        after[label] = aliases_of(mlflow_client)
+    first = mlflow_client.get_model_version(NAMED, "1")
+    by_hand = mlflow_client.create_run(mlflow_client.get_run(first.run_id).info.experiment_id).info.run_id
+    scores = {key: value for key, value in first.tags.items() if not key.startswith("msa.")}
+    foreign = register_checkpoint(uri, by_hand, checkpoints["first"], NAMED, {**scores, "dataset": "mosi_lite"})
+    return {"uri": uri, "client": mlflow_client, "after": after, "foreign": foreign}
 
 
 def test_a_weaker_sweep_becomes_challenger_and_a_stronger_one_takes_champion(registry):
@@ -162,7 +158,7 @@ def ranking_tables(out: str) -> list[list[list[str]]]:
 
 
 def test_msa_registry_dataset_ranks_the_versions_of_every_sweep_on_valid(registry, capsys):
-    assert main(["registry", "--dataset", "synth_regression", "--tracking-uri", registry["uri"]]) == 0
+    assert main(["registry", "--dataset", "aliased", "--tracking-uri", registry["uri"]]) == 0
     out = capsys.readouterr().out
     newest, older = ranking_tables(out)
     assert [row[2] for row in newest] == ["4"]  # the other data's table first: it holds the newest version
@@ -175,9 +171,11 @@ def test_msa_registry_dataset_ranks_the_versions_of_every_sweep_on_valid(registr
     assert [row[2] for row in foreign] == ["5"]
 
     assert main(["registry", "--dataset", "no_such_data", "--tracking-uri", registry["uri"]]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"msa: error: no registered model of dataset 'no_such_data' at {registry['uri']} "
-                   "(datasets: mosi_lite, synth_regression)"]
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    head = f"msa: error: no registered model of dataset 'no_such_data' at {registry['uri']} (datasets: "
+    assert err.startswith(head) and err.endswith(")")
+    listed = err.removeprefix(head).removesuffix(")").split(", ")  # every dataset the (shared) server holds
+    assert listed == sorted(listed) and {"aliased", "mosi_lite"} <= set(listed)
 
 
 def test_bad_promotions_are_one_line_errors_and_change_nothing(registry, capsys):
@@ -185,12 +183,12 @@ def test_bad_promotions_are_one_line_errors_and_change_nothing(registry, capsys)
     before = registry_state(mlflow_client)
     champion = mlflow_client.get_model_version_by_alias(NAMED, CHAMPION)
     other_data = next(v.version for v in mlflow_client.search_model_versions(f"name = '{NAMED}'")
-                      if v.tags["dataset"] == "synth_regression"
+                      if v.tags["dataset"] == "aliased"
                       and v.tags["dataset_fingerprint"] != champion.tags["dataset_fingerprint"])
     cases = [
         ([NAMED, "99"], f"promote: {NAMED} has no version 99 (versions: 1, 2, 3, 4, 5)"),
         (["msa-baseline-no_such_data", "1"], "promote: no registered model 'msa-baseline-no_such_data'"),
-        ([NAMED, "5"], f"promote: version 5 of {NAMED} is a model of dataset mosi_lite, not synth_regression"),
+        ([NAMED, "5"], f"promote: version 5 of {NAMED} is a model of dataset mosi_lite, not aliased"),
         ([NAMED, other_data], "promote: dataset fingerprint mismatch"),
     ]
     for arguments, message in cases:
@@ -219,7 +217,7 @@ def test_promote_moves_champion_by_hand_and_records_who_asked_and_why(registry, 
     # a version of other data takes champion only when asked to with --new-data
     fingerprint = promoted.tags["dataset_fingerprint"]
     other = next(v.version for v in mlflow_client.search_model_versions(f"name = '{NAMED}'")
-                 if v.tags["dataset"] == "synth_regression" and v.tags["dataset_fingerprint"] != fingerprint)
+                 if v.tags["dataset"] == "aliased" and v.tags["dataset_fingerprint"] != fingerprint)
     assert main(["registry", "promote", NAMED, other, "--reason", "new clips", "--new-data", "--tracking-uri", uri]) == 0
     assert aliases_of(mlflow_client)[CHAMPION] == other
     assert main(["registry", "promote", NAMED, other, "--reason", "again", "--tracking-uri", uri]) == 0

@@ -1,4 +1,4 @@
-"""The model registry, on the package's real sweep (conftest.py): the best trial registered as a
+"""The model registry, on the session's reference sweep (conftest.py): the best trial registered as a
 pyfunc that reproduces its stored predictions, the SHA-256 check, models registered by msa-sweep
 0.1.0 (pickled under the old module path), `msa registry` and `msa predict`."""
 from __future__ import annotations

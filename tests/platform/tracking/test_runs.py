@@ -1,7 +1,8 @@
 """MLflow tracking of a real sweep, read back through `MlflowClient` alone from a real server:
 the run hierarchy, each trial's params, epochs, artifacts and inputs, retries and concurrency.
 
-The sweep is the package's `sweep` fixture (conftest.py), run once on the session's Ray."""
+The sweep is the session's reference sweep (tests/conftest.py: 4 studies, 3 trials each, ASHA),
+read from the session's MLflow server it logged to."""
 from __future__ import annotations
 
 import hashlib
@@ -16,11 +17,8 @@ import yaml
 
 from msa.platform.cli import main
 from msa.platform.core.run_dir import RunDir
-from msa.platform.tracking.client import TRIAL_TAG
+from msa.platform.tracking.client import PAIR_TAG, TRIAL_TAG
 from msa.platform.tracking.runs import EpochLogger, TrialTracking, open_trial_run
-
-PAIR = "baseline-synth_regression"
-MODEL_NAME = "msa-baseline-synth_regression"
 
 
 def runs_by_role(sweep) -> dict[str, list]:
@@ -39,42 +37,50 @@ def tune_iterations(run_dir: Path, trial_id: str) -> int:
     return max(json.loads(line)["training_iteration"] for line in lines if line.strip())
 
 
-def test_runs_nest_sweep_study_trials_and_match_the_trial_count(sweep):
+def test_runs_nest_sweep_study_trials_and_match_the_trial_count(sweep, reference_sweep):
     runs = runs_by_role(sweep)
     (sweep_run,) = runs["sweep"]
-    (study_run,) = runs["study"]
-    assert len(runs["trial"]) == sweep["row"].trials == 4
-    assert study_run.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
-    assert {r.data.tags["mlflow.parentRunId"] for r in runs["trial"]} == {study_run.info.run_id}
-    assert len({r.data.tags[TRIAL_TAG] for r in runs["trial"]}) == 4
+    studies = {r.data.tags[PAIR_TAG]: r for r in runs["study"]}
+    assert sorted(studies) == sorted(row.pair for row in reference_sweep.pairs)
+    assert len(runs["trial"]) == sum(row.trials for row in reference_sweep.pairs) == 12
+    assert len({r.data.tags[TRIAL_TAG] for r in runs["trial"]}) == 12
     assert all(r.info.status == "FINISHED" for r in runs["sweep"] + runs["study"] + runs["trial"])
-    assert sweep_run.data.params["budget.trials_per_pair"] == "4"
-    assert {"plots/optimization_history.png"} <= {a.path for a in sweep["client"].list_artifacts(study_run.info.run_id, "plots")}
-    assert study_run.data.metrics["trials_complete"] + study_run.data.metrics["trials_pruned"] == 4
+    assert sweep_run.data.params["budget.trials_per_pair"] == "3"
+    for pair, study_run in studies.items():
+        assert study_run.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
+        trials = [r for r in runs["trial"] if r.data.tags[PAIR_TAG] == pair]
+        assert len(trials) == reference_sweep.pair(pair).trials == 3
+        assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {study_run.info.run_id}
+        plots = {a.path for a in sweep["client"].list_artifacts(study_run.info.run_id, "plots")}
+        assert "plots/optimization_history.png" in plots
+        assert study_run.data.metrics["trials_complete"] + study_run.data.metrics["trials_pruned"] == 3
 
 
-def test_every_trial_run_has_params_epoch_metrics_artifacts_tags_and_inputs(sweep):
+def test_every_trial_run_has_params_epoch_metrics_artifacts_tags_and_inputs(sweep, reference_sweep):
     mlflow_client, run_dir = sweep["client"], sweep["run_dir"]
-    data_file = run_dir / "data" / "synth_regression.pkl"
-    fingerprint = hashlib.sha256(data_file.read_bytes()).hexdigest()
+    fingerprints = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in reference_sweep.data.items()}
+    valid_metrics = {"synth_regression": {"valid_mae", "valid_corr", "valid_acc7"},
+                     "synth_classification": {"valid_acc", "valid_f1_macro"}}
     states = set()
     for run in runs_by_role(sweep)["trial"]:
-        trial_id, run_id = run.data.tags[TRIAL_TAG], run.info.run_id
+        trial_id, run_id, pair = run.data.tags[TRIAL_TAG], run.info.run_id, run.data.tags[PAIR_TAG]
+        model, dataset = pair.split("-", 1)
         params = run.data.params
-        config = yaml.safe_load((run_dir / "trials" / PAIR / trial_id / "config.yaml").read_text())
+        config = yaml.safe_load((run_dir / "trials" / pair / trial_id / "config.yaml").read_text())
         for key in ("lr", "weight_decay", "batch_size", "seed", "epochs"):
             assert float(params[key]) == float(config[key]), key
         assert float(params["model_config.hidden"]) == config["model_config"]["hidden"]
-        assert "model_config.dropout" in params and params["model"] == "baseline"
+        assert "model_config.dropout" in params and params["model"] == model
 
         epochs = tune_iterations(run_dir, trial_id)
         per_epoch = [k for k in run.data.metrics if k.startswith(("train_", "valid_"))]
-        assert {"train_loss", "train_task_loss", "valid_mae", "valid_corr", "valid_acc7"} <= set(per_epoch)
+        assert {"train_loss", "train_task_loss", *valid_metrics[dataset]} <= set(per_epoch)
         for key in per_epoch:  # every epoch of every metric, none lost, none twice
             steps = sorted(m.step for m in mlflow_client.get_metric_history(run_id, key))
             assert steps == list(range(1, epochs + 1)), (trial_id, key, steps)
-        stored = json.loads((run_dir / "trials" / PAIR / trial_id / "metrics.json").read_text())
-        assert run.data.metrics["test_mae"] == pytest.approx(stored["test"]["mae"])
+        stored = json.loads((run_dir / "trials" / pair / trial_id / "metrics.json").read_text())
+        metric = stored["selection_metric"]
+        assert run.data.metrics[f"test_{metric}"] == pytest.approx(stored["test"][metric])
         assert run.data.metrics["best_epoch"] == stored["best_epoch"]
 
         artifacts = {a.path for a in mlflow_client.list_artifacts(run_id)}
@@ -83,22 +89,21 @@ def test_every_trial_run_has_params_epoch_metrics_artifacts_tags_and_inputs(swee
         assert [a.path for a in mlflow_client.list_artifacts(run_id, "plots")] == ["plots/learning_curves.png"]
 
         tags = run.data.tags
-        assert tags["dataset_fingerprint"] == fingerprint and tags["seed"] == "0"
+        assert tags["dataset_fingerprint"] == fingerprints[dataset] and tags["seed"] == "0"
         assert tags["host"] and tags["git_commit"] and tags["version.torch"].startswith("2.")
         assert tags["weights_sha256"] == stored["weights_sha256"]
         states.add(tags["msa.trial_state"])
         (dataset_input,) = run.inputs.dataset_inputs
-        assert dataset_input.dataset.name == "synth_regression" and fingerprint.startswith(dataset_input.dataset.digest)
+        assert dataset_input.dataset.name == dataset and fingerprints[dataset].startswith(dataset_input.dataset.digest)
     assert states <= {"complete", "pruned"} and "complete" in states
 
 
-def test_a_retried_trial_finds_its_run_and_never_relogs_a_param(sweep):
-    mlflow_client = sweep["client"]
-    study_run = runs_by_role(sweep)["study"][0]
+def test_a_retried_trial_finds_its_run_and_never_relogs_a_param(mlflow_client, synth_regression_pkl):
+    experiment = mlflow_client.create_experiment("retry-check")
+    study_run_id = mlflow_client.create_run(experiment).info.run_id
     tracking = TrialTracking(
-        uri=sweep["uri"], experiment_id=study_run.info.experiment_id, study_run_id=study_run.info.run_id, pair="retry-check",
-        tags={}, dataset_name="synth_regression", dataset_source=str(sweep["run_dir"] / "data" / "synth_regression.pkl"),
-        dataset_fingerprint="0" * 64,
+        uri=mlflow_client.tracking_uri, experiment_id=experiment, study_run_id=study_run_id, pair="retry-check", tags={},
+        dataset_name="synth_regression", dataset_source=str(synth_regression_pkl), dataset_fingerprint="0" * 64,
     )
     config = {"model": "baseline", "data": tracking.dataset_source, "lr": 0.001}
     first = open_trial_run(tracking, "retry_0001", config)
@@ -107,16 +112,15 @@ def test_a_retried_trial_finds_its_run_and_never_relogs_a_param(sweep):
     assert mlflow_client.get_run(first).data.params["lr"] == "0.001"
 
 
-def test_trials_opening_runs_at_once_all_get_the_dataset_input(sweep):
+def test_trials_opening_runs_at_once_all_get_the_dataset_input(mlflow_client, synth_regression_pkl):
     """Concurrent trials log the same new dataset: MLflow's store checks, then inserts, so all but
     one can hit its unique key (seen in a 4-model sweep); every run must still get its input."""
     import threading
 
-    mlflow_client = sweep["client"]
     experiment = mlflow_client.create_experiment("dataset-race")
-    source = str(sweep["run_dir"] / "data" / "synth_regression.pkl")
+    source = str(synth_regression_pkl)
     parent = mlflow_client.create_run(experiment).info.run_id
-    tracking = TrialTracking(uri=sweep["uri"], experiment_id=experiment, study_run_id=parent, pair="race", tags={},
+    tracking = TrialTracking(uri=mlflow_client.tracking_uri, experiment_id=experiment, study_run_id=parent, pair="race", tags={},
                              dataset_name="synth_regression", dataset_source=source, dataset_fingerprint="1" * 64)
     config = {"model": "baseline", "data": source}
     start, run_ids, errors = threading.Barrier(8), {}, []
@@ -139,15 +143,14 @@ def test_trials_opening_runs_at_once_all_get_the_dataset_input(sweep):
         assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("synth_regression", "1" * 36)]
 
 
-def test_two_processes_logging_epochs_to_one_server_lose_nothing(sweep, tmp_path):
+def test_two_processes_logging_epochs_to_one_server_lose_nothing(mlflow_server, mlflow_client):
     """Two writers at once, as two concurrent trials are: every metric of every epoch arrives."""
-    mlflow_client = sweep["client"]
     experiment = mlflow_client.create_experiment("concurrency")
     run_ids = [mlflow_client.create_run(experiment).info.run_id for _ in range(2)]
     writer = textwrap.dedent(f"""
         import sys
         from msa.platform.tracking.runs import EpochLogger
-        log = EpochLogger({sweep['uri']!r}, sys.argv[1])
+        log = EpochLogger({mlflow_server.uri!r}, sys.argv[1])
         for epoch in range(1, 61):
             log({{"epoch": epoch, **{{f"valid_m{{i}}": epoch + i / 100 for i in range(20)}}}})
     """)
@@ -158,8 +161,7 @@ def test_two_processes_logging_epochs_to_one_server_lose_nothing(sweep, tmp_path
         for i in (0, 7, 19):
             history = mlflow_client.get_metric_history(run_id, f"valid_m{i}")
             assert sorted(m.step for m in history) == list(range(1, 61))
-    log = (sweep["run_dir"] / "mlflow" / "server.log").read_text()
-    assert "database is locked" not in log
+    assert "database is locked" not in mlflow_server.log_path.read_text()
 
 
 def test_an_unreachable_tracking_uri_stops_the_sweep_before_anything_is_written(tmp_path, capsys):
@@ -175,13 +177,12 @@ def test_an_unreachable_tracking_uri_stops_the_sweep_before_anything_is_written(
     assert not (tmp_path / "sweeps").exists()
 
 
-def test_a_resumed_attempt_does_not_log_an_epoch_twice(sweep):
-    mlflow_client = sweep["client"]
+def test_a_resumed_attempt_does_not_log_an_epoch_twice(mlflow_client):
     run_id = mlflow_client.create_run(mlflow_client.create_experiment("resume-epochs")).info.run_id
-    first = EpochLogger(sweep["uri"], run_id)
+    first = EpochLogger(mlflow_client.tracking_uri, run_id)
     for epoch in (1, 2):  # logged, then the attempt dies before checkpointing epoch 2
         first({"epoch": epoch, "train_loss": 1.0 / epoch, "final": 0.0})
-    again = EpochLogger(sweep["uri"], run_id)  # resumes from the epoch-1 checkpoint
+    again = EpochLogger(mlflow_client.tracking_uri, run_id)  # resumes from the epoch-1 checkpoint
     for epoch in (2, 3):
         again({"epoch": epoch, "train_loss": 10.0 + epoch, "final": 0.0})
     history = sorted((m.step, m.value) for m in mlflow_client.get_metric_history(run_id, "train_loss"))

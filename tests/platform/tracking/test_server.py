@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from msa.platform.core.errors import MsaError
 from msa.platform.core.run_dir import RunDir
-from msa.platform.tracking.server import MlflowServer, check_tracking_uri, free_port
+from msa.platform.tracking.server import check_tracking_uri, free_port
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -30,8 +28,11 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-def test_server_binds_loopback_keeps_its_store_in_the_run_directory_and_stops(tmp_path):
-    with MlflowServer(tmp_path) as server:
+# The server tests start servers of their own: a server's start, binding and stop are what they test.
+
+
+def test_server_binds_loopback_keeps_its_store_in_the_run_directory_and_stops(own_mlflow_server, tmp_path):
+    with own_mlflow_server(tmp_path) as server:
         assert listening_addresses(server.port) == {"127.0.0.1"}
         check_tracking_uri(server.uri)
         client = MlflowClient(server.uri)
@@ -46,18 +47,18 @@ def test_server_binds_loopback_keeps_its_store_in_the_run_directory_and_stops(tm
         check_tracking_uri(server.uri, timeout=2)
 
 
-def test_server_binds_another_host_only_when_asked(tmp_path):
-    with MlflowServer(tmp_path, host="0.0.0.0") as server:
+def test_server_binds_another_host_only_when_asked(own_mlflow_server, tmp_path):
+    with own_mlflow_server(tmp_path, host="0.0.0.0") as server:
         assert listening_addresses(server.port) == {"0.0.0.0"}
 
 
 @pytest.mark.parametrize("uri, pattern", [
-    (f"http://127.0.0.1:{free_port()}", r"MLflow tracking server http://127\.0\.0\.1:\d+ is unreachable"),
+    ("http://127.0.0.1:{free_port}", r"MLflow tracking server http://127\.0\.0\.1:\d+ is unreachable"),
     ("file:///tmp/mlruns", r"must be an http\(s\) address"),
-])
+], ids=["nothing-listens", "file-store"])  # ids fixed at collection (xdist workers must collect alike)
 def test_unusable_tracking_uri_is_refused(uri, pattern):
     with pytest.raises(MsaError, match=pattern):
-        check_tracking_uri(uri, timeout=2)
+        check_tracking_uri(uri.format(free_port=free_port()), timeout=2)
 
 
 def servers_over(folder: Path) -> list[str]:
@@ -88,16 +89,12 @@ MLFLOW_MOMENTS = {
 
 
 @pytest.mark.parametrize("moment", MLFLOW_MOMENTS)
-def test_ctrl_c_at_any_moment_of_msa_mlflow_leaves_no_server_when_it_returns(tmp_path, moment):
-    run_dir = tmp_path / "run"
-    with MlflowServer(run_dir):  # creates the run directory's store
-        pass
+def test_ctrl_c_at_any_moment_of_msa_mlflow_leaves_no_server_when_it_returns(driver, mlflow_store, tmp_path, moment):
+    run_dir = mlflow_store(tmp_path / "run")
     (run_dir / "sweep.yaml").write_text("name: t\n")
-    RunDir(run_dir).mlflow_log.unlink()
     port, out = free_port(), tmp_path / "out.txt"
-    command = [str(Path(sys.executable).parent / "msa"), "mlflow", str(run_dir), "--port", str(port)]
     with out.open("w") as handle:
-        browser = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, text=True)
+        browser = driver.start("mlflow", str(run_dir), "--port", str(port), cwd=tmp_path, stdout=handle)
     try:
         wait_for(lambda: MLFLOW_MOMENTS[moment](run_dir, port, out), moment)
         if moment == "serving":  # it really served the store

@@ -1,4 +1,4 @@
-"""A registered model without msa-sweep, on the package's real sweep (conftest.py): what it
+"""A registered model without msa-sweep, on the session's reference sweep (conftest.py): what it
 carries (its serving code only, exact requirements), loading it in a process where ``import
 msa`` fails, and ``mlflow models serve --env-manager local`` answering ``/invocations`` with
 exactly `msa predict`'s predictions. Seed groups, ensembles and raw-text encoder models are
