@@ -240,14 +240,23 @@ def mlflow_store(tmp_path_factory):
     return copy_into
 
 
+def run_finished(config, data_files) -> FinishedSweep:
+    """Run the sweep `config` with its console captured; `data_files(run_dir)` names the data
+    files it read, by dataset."""
+    from msa.platform.sweep.driver import run_sweep
+
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        result = run_sweep(config)
+    return FinishedSweep(result.run_dir.root, result.pairs, console.getvalue().splitlines(), data_files(result.run_dir))
+
+
 @pytest.fixture(scope="session")
 def reference_sweep(ray_runtime, mlflow_server, tmp_path_factory) -> FinishedSweep:
     """The session's reference sweep, run once, read by every test of a finished sweep: baseline
     and TFN on the synthetic regression and 20-class sets (the built-ins), 3 TPE trials per pair
     under ASHA (grace 1 epoch, halving), 2 at a time and at most 1 per pair, logged and registered
     on the session's server; its console is kept."""
-    from msa.platform.sweep.driver import run_sweep
-
     folder = tmp_path_factory.mktemp("reference")
     config = sweep_config(
         folder, name="reference", datasets=["synth_regression", "synth_classification"], models=["baseline", "tfn"],
@@ -256,11 +265,7 @@ def reference_sweep(ray_runtime, mlflow_server, tmp_path_factory) -> FinishedSwe
         resources={"cpus_per_worker": 1, "max_concurrent_trials": 2, "max_trials_per_pair": 1},
         tracking={"uri": mlflow_server.uri},
     )
-    console = io.StringIO()
-    with contextlib.redirect_stdout(console):
-        result = run_sweep(config)
-    data = {name: result.run_dir.builtin_dataset(name) for name in config.datasets}
-    return FinishedSweep(result.run_dir.root, result.pairs, console.getvalue().splitlines(), data)
+    return run_finished(config, lambda run_dir: {name: run_dir.builtin_dataset(name) for name in config.datasets})
 
 
 @pytest.fixture(scope="session")
@@ -268,8 +273,6 @@ def seed_sweep(ray_runtime, mlflow_server, tmp_path_factory) -> FinishedSweep:
     """The session's seed-group sweep: 3 random trials of the baseline, each a group of 2 seeds,
     under ASHA; every group's second seed raises at the start of epoch 2 and the group is retried
     from its last checkpoint, once. Its data is `seeded.pkl` (the built-in regression set)."""
-    from msa.platform.sweep.driver import run_sweep
-
     folder = tmp_path_factory.mktemp("seeded")
     data = synth_data(folder, "seeded")
     config = sweep_config(
@@ -279,10 +282,7 @@ def seed_sweep(ray_runtime, mlflow_server, tmp_path_factory) -> FinishedSweep:
         search={"sampler": "random", "seed": 3, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
         resources={"max_concurrent_trials": 2, "max_failures": 1}, tracking={"uri": mlflow_server.uri},
     )
-    console = io.StringIO()
-    with contextlib.redirect_stdout(console):
-        result = run_sweep(config)
-    return FinishedSweep(result.run_dir.root, result.pairs, console.getvalue().splitlines(), {"seeded": data})
+    return run_finished(config, lambda run_dir: {"seeded": data})
 
 
 @pytest.fixture(scope="session")

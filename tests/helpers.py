@@ -259,5 +259,18 @@ def seed_histories(folder: Path) -> dict[int, list[dict[str, str]]]:
     return {seed: checkpoint.history() for seed, checkpoint in zip(group.seeds, group.checkpoints)}
 
 
+def processes_under(folder: Path, kind: str = "") -> list[str]:
+    """Command lines of live processes that name a path under `folder` (and `kind`, when given:
+    ``"mlflow"`` for a store's guard, server and uvicorn worker)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if str(folder) in cmdline and kind in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(cmdline)
+    return found
+
+
 def without_ray_address() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}

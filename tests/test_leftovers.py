@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
-from helpers import MSA
+from helpers import MSA, processes_under
 
 from msa.platform.tracking.server import free_port
 
@@ -38,15 +37,6 @@ def test_leaves_a_server_running():
 '''
 
 
-def alive_under(folder: Path) -> list[str]:
-    found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if str(folder) in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(cmdline)
-    return found
-
-
 def test_a_session_that_leaves_a_server_running_fails_naming_it_and_nothing_is_left(driver, mlflow_store, tmp_path):
     left = mlflow_store(tmp_path / "left")
     (left / "sweep.yaml").write_text("name: t\n")
@@ -61,4 +51,4 @@ def test_a_session_that_leaves_a_server_running_fails_naming_it_and_nothing_is_l
     listed = [line for line in report.splitlines() if " pid " in line]
     assert {line.split(" pid ")[0] for line in listed} == {"msa", "MLflow", "uvicorn"}, listed
     assert all(str(left) in line for line in listed if not line.startswith("uvicorn")), listed  # uvicorn's names no folder
-    assert alive_under(left) == []
+    assert processes_under(left) == []

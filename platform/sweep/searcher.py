@@ -85,7 +85,7 @@ class PruningAwareOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not self._already_finished(trial_id):
             with warnings.catch_warnings():  # a trial that started over reports its epochs again; Optuna keeps the first
-                warnings.simplefilter("ignore")
+                warnings.filterwarnings("ignore", message="The reported value is ignored because this `step=")
                 super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

@@ -99,6 +99,6 @@ def pinned_requirements(root: str, *, text_encoder: bool) -> list[str]:
 
 @functools.cache
 def _packages_distributions() -> dict[str, list[str]]:
-    """Import name -> distributions, read once per process (about 1.5 s: it lists every file of
-    every installed distribution), not once per registered model."""
+    """Import name -> distributions, read once per process (about 2.5 s here: it lists every file
+    of every installed distribution), not once per registered model."""
     return metadata.packages_distributions()

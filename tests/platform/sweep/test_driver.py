@@ -24,8 +24,9 @@ import torch
 import yaml
 from helpers import (
     finished_mtimes,
-    reap_orphaned_ray_agents,
     interrupt_until_it_returns,
+    processes_under,
+    reap_orphaned_ray_agents,
     saved_checkpoints,
     seed_histories,
     stop_when_finished,
@@ -143,18 +144,6 @@ def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_losing_trial
     assert leaking == []
 
 
-def mlflow_processes_under(folder: Path) -> list[str]:
-    """Command lines of live MLflow servers (and their guards) whose store lies under `folder`."""
-    import psutil
-
-    found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if str(folder) in cmdline and "mlflow" in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(cmdline)
-    return found
-
-
 # Moments of a sweep's start-up at which Ctrl-C comes: its run directory made, its own MLflow
 # server launched (booting while Ray starts), the server answering (the sweep run opens).
 SWEEP_MOMENTS = {
@@ -179,7 +168,7 @@ def test_ctrl_c_at_any_moment_of_a_sweeps_start_leaves_no_mlflow_server(ray_driv
     finally:
         interrupt_until_it_returns(process)
     assert process.returncode == 130, out.read_text()[-3000:]
-    assert mlflow_processes_under(tmp_path) == [], "the sweep's MLflow server must stop with the command"
+    assert processes_under(tmp_path, "mlflow") == [], "the sweep's MLflow server must stop with the command"
 
 
 def test_resume_refuses_a_different_config(tmp_path):

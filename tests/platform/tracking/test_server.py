@@ -8,8 +8,8 @@ import socket
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from helpers import processes_under
 from mlflow.tracking import MlflowClient
 
 from msa.platform.core.errors import MsaError
@@ -61,16 +61,6 @@ def test_unusable_tracking_uri_is_refused(uri, pattern):
         check_tracking_uri(uri.format(free_port=free_port()), timeout=2)
 
 
-def servers_over(folder: Path) -> list[str]:
-    """Command lines of live processes (guard, mlflow server, its uvicorn worker) serving a store under `folder`."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if str(folder) in cmdline and "mlflow" in cmdline and process.status() != psutil.STATUS_ZOMBIE:
-            found.append(cmdline)
-    return found
-
-
 def wait_for(condition, what: str, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -82,7 +72,7 @@ def wait_for(condition, what: str, timeout: float = 90.0) -> None:
 # booting (inside MlflowServer.start), the port answering (the start's last health check; the
 # moment of the random CI failure), and the command serving.
 MLFLOW_MOMENTS = {
-    "server booting": lambda run_dir, port, out: RunDir(run_dir).mlflow_log.is_file() and bool(servers_over(run_dir)),
+    "server booting": lambda run_dir, port, out: RunDir(run_dir).mlflow_log.is_file() and bool(processes_under(run_dir, "mlflow")),
     "port answering": lambda run_dir, port, out: bool(listening_addresses(port)),
     "serving": lambda run_dir, port, out: "MLflow UI for" in out.read_text(),
 }
@@ -104,7 +94,7 @@ def test_ctrl_c_at_any_moment_of_msa_mlflow_leaves_no_server_when_it_returns(dri
         browser.send_signal(signal.SIGINT)
         browser.wait(timeout=60)
     assert browser.returncode == 130, out.read_text()
-    assert servers_over(run_dir) == [], "the server must stop with the command"
+    assert processes_under(run_dir, "mlflow") == [], "the server must stop with the command"
     assert not listening_addresses(port)
 
 
