@@ -8,16 +8,21 @@ every model config shares (those weights, attention heads). `DataSpec` itself is
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from msa.platform.core.errors import MsaError
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
     """What a forward pass returns.
+
+    A named tuple, not a dataclass: DeepSpeed's ZeRO-3 hooks find a module's output tensors only
+    inside tuples, lists and dicts, and gather the parameters the module's own forward used (its
+    direct parameters, and any it read from submodules outside their forward) for the backward
+    only when the gradient reaches one of those tensors; hidden in a dataclass, the backward met
+    released (empty) parameters.
 
     Args:
         prediction: ``(B,)`` regression scores or ``(B, C)`` class logits.
@@ -27,7 +32,7 @@ class ModelOutput:
 
     prediction: torch.Tensor
     fused: torch.Tensor
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    aux_losses: dict[str, torch.Tensor]
 
 
 def check_model_config(config, model: str) -> None:

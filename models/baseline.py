@@ -70,4 +70,4 @@ class BaselineModel(nn.Module):
         fused = torch.cat(encoded, dim=-1)  # (B, hidden * M)
         out = self.head(fused)  # (B, output_size)
         prediction = out.squeeze(-1) if self.spec.task == "regression" else out
-        return ModelOutput(prediction=prediction, fused=fused)
+        return ModelOutput(prediction=prediction, fused=fused, aux_losses={})

@@ -9,11 +9,12 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 
 def length_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -84,15 +85,30 @@ class ConcatCritic(nn.Module):
         self.bound = bound
 
     def scores(self, x: torch.Tensor, y: torch.Tensor, *, frozen: bool = False) -> torch.Tensor:
-        """``(B, B)`` scores; `frozen` uses the critic's weights detached (gradients reach x and y only)."""
+        """``(B, B)`` scores; `frozen` treats the critic's weights as constants (gradients reach x and y only)."""
         n = x.shape[0]
         pairs = torch.cat([x.unsqueeze(0).expand(n, n, -1), y.unsqueeze(1).expand(n, n, -1)], dim=-1)
-        if frozen:
-            weights = {name: value.detach() for name, value in self.net.named_parameters()}
-            raw = functional_call(self.net, weights, (pairs,))
-        else:
+        with _constant_parameters(self.net) if frozen else contextlib.nullcontext():
             raw = self.net(pairs)
         return self.bound * torch.tanh(raw.squeeze(-1) / self.bound)
+
+
+@contextlib.contextmanager
+def _constant_parameters(module: nn.Module) -> Iterator[None]:
+    """Within the block, what `module` computes is differentiable in its inputs but not in its
+    parameters: a stop-gradient on the weights that keeps the parameters themselves in place.
+
+    Unlike calling the module with detached copies of its weights (``torch.func.functional_call``),
+    the module runs with its own parameters, so DeepSpeed ZeRO-3 still gathers its partitioned
+    weights before the forward and again before the backward that needs them."""
+    trained = [p for p in module.parameters() if p.requires_grad]
+    for p in trained:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trained:
+            p.requires_grad_(True)
 
 
 def infonce_lower_bound(scores: torch.Tensor) -> torch.Tensor:

@@ -100,4 +100,4 @@ class TFNModel(nn.Module):
             fused = z if fused is None else torch.einsum("bi,bj->bij", fused, z).flatten(1)
         out = self.post_fusion(fused)  # (B, output_size)
         prediction = out.squeeze(-1) if self.spec.task == "regression" else out
-        return ModelOutput(prediction=prediction, fused=fused)
+        return ModelOutput(prediction=prediction, fused=fused, aux_losses={})

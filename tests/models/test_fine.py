@@ -89,6 +89,22 @@ def test_frozen_critic_scores_pass_gradients_to_codes_only():
     assert torch.equal(critic.scores(x, y, frozen=True), critic.scores(x, y))
 
 
+def test_frozen_critic_scores_run_the_critic_on_its_own_parameters():
+    """What ZeRO-3 needs (test_zero3.py): frozen scores run the critic's modules on their own
+    parameters, never on stand-ins for them, and leave the critic trainable (a parameter its owner
+    froze stays frozen)."""
+    critic = ConcatCritic(4, 4, hidden=8)
+    critic.net[0].bias.requires_grad_(False)
+    weight, own = critic.net[0].weight, []
+    critic.net[0].register_forward_pre_hook(lambda module, args: own.append(module._parameters["weight"] is weight))
+    x, y = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4)
+    critic.scores(x, y, frozen=True)
+    assert own == [True]
+    assert [p.requires_grad for p in critic.parameters()] == [True, False, True]
+    infonce_lower_bound(critic.scores(x, y)).backward()
+    assert critic.net[0].weight.grad.abs().sum() > 0 and critic.net[0].bias.grad is None
+
+
 def test_router_balance_loss_is_minimal_for_uniform_routing():
     torch.manual_seed(0)
     config = FINEConfig(d=16, heads=2, n_experts=4, top_k=1)
