@@ -5,7 +5,7 @@ bold, mean ± sd where a row is a seed group.
 
 MOSI-style suites (CMU-MOSI, CMU-MOSEI) print Acc-2 and F1 as ``has0/non0`` pairs, then MAE,
 Corr and Acc-7; CH-SIMS prints Acc-2, Acc-3, Acc-5, F1, MAE and Corr; classification (MIntRec)
-Acc, F1, P and R (macro). Other suites print every metric of theirs.
+Acc, F1, P and R (macro), then WF1 (weighted F1). Other suites print every metric of theirs.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ COLUMNS = {
     "sims": [("Acc-2", ("acc2",)), ("Acc-3", ("acc3",)), ("Acc-5", ("acc5",)), ("F1", ("f1",)), ("MAE", ("mae",)),
              ("Corr", ("corr",))],
     "classification": [("Acc", ("acc",)), ("F1", ("f1_macro",)), ("P", ("precision_macro",)),
-                       ("R", ("recall_macro",))],
+                       ("R", ("recall_macro",)), ("WF1", ("f1_weighted",))],
 }
 ARROWS = {"higher": r"$\uparrow$", "lower": r"$\downarrow$"}
 SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",

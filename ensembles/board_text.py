@@ -15,6 +15,7 @@ METRIC_LABELS = {
     "acc2_has0": "Acc-2 (has0)", "f1_has0": "F1 (has0)", "acc2_non0": "Acc-2 (non0)", "f1_non0": "F1 (non0)",
     "acc2": "Acc-2", "acc3": "Acc-3", "acc5": "Acc-5", "acc7": "Acc-7", "f1": "F1", "mae": "MAE", "corr": "Corr",
     "acc": "Acc", "f1_macro": "F1 (macro)", "precision_macro": "Precision (macro)", "recall_macro": "Recall (macro)",
+    "f1_weighted": "F1 (weighted)",
 }
 # Decimals a person reads: accuracies and F1 are percentages (one decimal), MAE and Corr lie
 # around 1 (three).

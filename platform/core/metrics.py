@@ -10,7 +10,10 @@ Three suites, chosen by the dataset's label scale:
   ``acc2`` ([-1, 0] | (0, 1]), ``acc3`` ([-1, -0.1] | (-0.1, 0.1] | (0.1, 1]),
   ``acc5`` ([-1, -0.7] | (-0.7, -0.1] | (-0.1, 0.1] | (0.1, 0.7] | (0.7, 1]), ``f1`` (weighted, on
   the 2 bins), ``mae`` and ``corr`` on the clipped values.
-* ``classification`` (MIntRec): ``acc``, ``f1_macro``, ``precision_macro``, ``recall_macro``.
+* ``classification`` (MIntRec): ``acc``, ``f1_macro``, ``precision_macro``, ``recall_macro``,
+  ``f1_weighted`` (per-class F1 averaged with the classes' true counts as weights, scikit-learn's
+  ``average="weighted"``: on imbalanced intents it follows the frequent classes, where ``f1_macro``
+  weighs every class alike).
 
 Accuracies and F1 are percentages; MAE and Corr are raw. Rounding is numpy's (half to even), as in
 MMSA. Undefined values: ``corr`` is 0.0 when either side is constant (no linear association can be
@@ -28,7 +31,7 @@ import numpy as np
 SUITE_METRICS: dict[str, tuple[str, ...]] = {
     "mosi": ("acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7", "mae", "corr"),
     "sims": ("acc2", "acc3", "acc5", "f1", "mae", "corr"),
-    "classification": ("acc", "f1_macro", "precision_macro", "recall_macro"),
+    "classification": ("acc", "f1_macro", "precision_macro", "recall_macro", "f1_weighted"),
 }
 
 # Which direction is better for each metric (early stopping, selection): only MAE is minimised.
@@ -139,14 +142,15 @@ def sims_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 
 def classification_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro F1/precision/recall; `pred` is ``(N,)`` class ids or ``(N, C)`` scores."""
+    """Accuracy, macro F1/precision/recall and weighted F1; `pred` is ``(N,)`` class ids or
+    ``(N, C)`` scores."""
     pred = np.asarray(pred)
     if pred.ndim == 2:
         pred = pred.argmax(axis=1)
     truth = np.asarray(truth).astype(np.int64)
     if pred.shape != truth.shape:
         raise ValueError(f"prediction shape {pred.shape} does not match truth shape {truth.shape}")
-    return {"acc": accuracy(truth, pred), **macro_scores(truth, pred)}
+    return {"acc": accuracy(truth, pred), **macro_scores(truth, pred), "f1_weighted": weighted_f1(truth, pred)}
 
 
 _SUITE_FUNCTIONS = {"mosi": mosi_metrics, "sims": sims_metrics, "classification": classification_metrics}

@@ -34,6 +34,7 @@ from msa.platform.data.readers import load_dataset
 from msa.platform.training.checkpoint import CheckpointWriter, seed_folder
 from msa.platform.training.config import TrainConfig, resolve_config
 from msa.platform.training.engine import resolve_precision
+from msa.platform.training.progress import EpochProgress
 from msa.platform.training.run import LoopState, Run, load_state, rng_state, save_state, set_rng_state
 from msa.platform.training.text_encoder import encoder_inputs
 
@@ -89,6 +90,7 @@ def train_loop(
     resume_from: Path | None = None,
     replace_stale_out: bool = False,
     keep_last_epoch: bool = False,
+    progress: EpochProgress | None = None,
 ) -> TrainResult:
     """Train one model with DeepSpeed; its checkpoint folder always holds the best epoch so far.
 
@@ -106,6 +108,8 @@ def train_loop(
             instead of refused.
         keep_last_epoch: train exactly ``config.epochs`` epochs and keep the last one, choosing
             nothing on valid (the out-of-fold protocol, whose "valid" is the held-out fold).
+        progress: shows rank 0's way through each epoch's batches (`msa train` passes one;
+            sweep trials and retrainings pass none and print nothing per batch).
 
     Returns:
         The best epoch's valid and test metrics, the history, and where the checkpoint is.
@@ -117,7 +121,8 @@ def train_loop(
     if config.seeds != 1:
         raise MsaError(f"train config: seeds={config.seeds} trains a seed group; train_loop trains one model")
     (result,) = train_seed_group(config, dataset=dataset, on_epoch=on_epoch, resume_from=resume_from,
-                                 replace_stale_out=replace_stale_out, keep_last_epoch=keep_last_epoch)
+                                 replace_stale_out=replace_stale_out, keep_last_epoch=keep_last_epoch,
+                                 progress=progress)
     return result
 
 
@@ -129,6 +134,7 @@ def train_seed_group(
     resume_from: Path | None = None,
     replace_stale_out: bool = False,
     keep_last_epoch: bool = False,
+    progress: EpochProgress | None = None,
 ) -> list[TrainResult]:
     """Train the config with each of its ``seeds`` seeds (``seed``, ``seed + 1``, ...), in
     lock-step: every epoch, each seed still training trains one epoch, then `on_epoch` gets the
@@ -151,7 +157,7 @@ def train_seed_group(
                                           out=str(seed_folder(out_dir, seed) if grouped else out_dir))
         resume = None if resume_from is None else seed_folder(Path(resume_from), seed) if grouped else Path(resume_from)
         runs.append(_SeedRun(seed_config, dataset, seeds if grouped else None, resume, replace_stale_out,
-                             splits=runs[0].run.splits if runs else None))
+                             splits=runs[0].run.splits if runs else None, progress=progress))
 
     def save_all(directory: Path) -> None:
         for run in runs:
@@ -209,12 +215,15 @@ class _SeedRun:
     the seeds of a group take turns in one process)."""
 
     def __init__(self, config: TrainConfig, dataset: FeatureSet, group: list[int] | None, resume_from: Path | None,
-                 replace_stale_out: bool, splits: dict | None = None):
+                 replace_stale_out: bool, splits: dict | None = None, progress: EpochProgress | None = None):
         """`group`: every seed of the group this run belongs to (None alone); `splits`: the
-        device tensors of the data, shared with the group's other seeds."""
+        device tensors of the data, shared with the group's other seeds; `progress`: shows
+        this seed's epochs (rank 0 only)."""
         self.config = config
         out_dir = Path(config.out)
         self.run = Run(config, dataset, out_dir, splits)  # seeds the global generators
+        self.progress = progress if self.run.rank == 0 else None
+        self.progress_prefix = f"seed {config.seed} " if group else ""
         self.rng = rng_state()
         if resume_from is not None:
             self.state, cpu_rng = load_state(resume_from, self.run.engine, self.run.order)
@@ -235,7 +244,14 @@ class _SeedRun:
         set_rng_state(self.rng)
         if inject_fault:
             _inject_fault(self.config.inject_fault, epoch, self.run.rank, self.run.world)
-        record = self.run.epoch(epoch, self.state, self.writer, keep_last_epoch)
+        if self.progress is None:
+            record = self.run.epoch(epoch, self.state, self.writer, keep_last_epoch)
+        else:
+            self.progress.start(f"{self.progress_prefix}epoch {epoch}/{self.config.epochs}", self.run.train_batches)
+            try:
+                record = self.run.epoch(epoch, self.state, self.writer, keep_last_epoch, self.progress)
+            finally:
+                self.progress.finish()
         self.state.history.append(record)
         self.state.epoch = epoch
         self.rng = rng_state()

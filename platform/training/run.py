@@ -28,6 +28,7 @@ from msa.platform.training.engine import (
     seed_everything,
 )
 from msa.platform.training.predict import SplitTensors, predict, task_loss
+from msa.platform.training.progress import EpochProgress
 from msa.platform.training.text_encoder import TextEncoderModel, frozen_layers, load_encoder, parameter_groups
 
 LOOP_STATE_FILE = "loop_state.pt"
@@ -119,13 +120,24 @@ class Run:
                                  for name, split in dataset.splits.items()}
         self.order = torch.Generator().manual_seed(config.seed)
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over this rank's share of train; the mean of every loss term."""
+    @property
+    def train_batches(self) -> int:
+        """Batches in this rank's share of train, every epoch."""
+        share = self.splits["train"].size // self.world
+        return -(-share // self.config.batch_size)
+
+    def train_epoch(self, epoch: int, progress: EpochProgress | None = None) -> dict[str, float]:
+        """One pass over this rank's share of train, each batch counted on `progress`; the mean
+        of every loss term."""
         config, train = self.config, self.splits["train"]
         self.engine.train()
         sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
         steps = 0
-        permutation = torch.randperm(train.size, generator=self.order)[self.rank::self.world].to(self.device)
+        # Every rank takes the same number of clips (the last train.size % world of the shuffled
+        # order sit this epoch out), hence the same number of steps: a rank with one more would
+        # wait forever in a collective the others never join.
+        order = torch.randperm(train.size, generator=self.order)
+        permutation = order[: len(order) - len(order) % self.world][self.rank::self.world].to(self.device)
         for start in range(0, len(permutation), config.batch_size):
             features, lengths, labels = train.batch(permutation[start : start + config.batch_size])
             output = self.engine(features, lengths, labels)
@@ -140,6 +152,8 @@ class Run:
             for name, value in terms.items():
                 sums[name] = sums[name] + value if name in sums else value
             steps += 1
+            if progress is not None:
+                progress.advance()
         means = {name: float(total) / max(steps, 1) for name, total in sums.items()}  # float(): syncs the device
         if not math.isfinite(means.get("loss", 0.0)):
             raise NonFiniteLossError(
@@ -149,20 +163,27 @@ class Run:
 
     def predict(self, split: str):
         tensors = self.splits[split]
-        return predict(self.engine, tensors.features, tensors.lengths, self.dataset.task, self.config.batch_size)
+        return predict(self.engine, tensors.features, tensors.lengths, self.dataset.task, self.config.batch_size,
+                       tensors.dtype)
 
-    def epoch(self, epoch: int, state: LoopState, writer: CheckpointWriter | None, keep_last_epoch: bool) -> dict[str, float]:
-        """Train, score valid, publish the checkpoint if it improved; the epoch's record."""
+    def epoch(self, epoch: int, state: LoopState, writer: CheckpointWriter | None, keep_last_epoch: bool,
+              progress: EpochProgress | None = None) -> dict[str, float]:
+        """Train, score valid, publish the checkpoint if it improved; the epoch's record.
+        `progress` (started by the caller) counts the batches and is told of the predictions."""
         config, dataset, selection = self.config, self.dataset, self.config.selection_metric
         started = time.perf_counter()
-        means = self.train_epoch(epoch)
+        means = self.train_epoch(epoch, progress)
         training_seconds = time.perf_counter() - started
+        if progress is not None:
+            progress.note("predicting valid")
         valid_pred = self.predict("valid")
         valid_metrics = compute_metrics(dataset.metric_suite, valid_pred, dataset.splits["valid"].labels)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in means.items()}}
         record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
         improved = keep_last_epoch or is_better(selection, valid_metrics[selection], state.best_score)
         if improved:
+            if progress is not None:
+                progress.note("predicting test")
             test_pred = self.predict("test")
             state.best_score, state.best_epoch, state.best_valid = valid_metrics[selection], epoch, valid_metrics
             state.best_test = compute_metrics(dataset.metric_suite, test_pred, dataset.splits["test"].labels)

@@ -4,8 +4,9 @@ Every expected value below was worked out by hand from small vectors and is writ
 with the arithmetic in a comment; nothing is recomputed with sklearn/numpy on the same inputs.
 Covered: the MOSI/MOSEI suite (has0/non0 ties at zero, all-zero labels, clipping, half-to-even
 rounding, weighted F1, Pearson), the CH-SIMS suite (half-open bins and their edges, clipping to
-[-1, 1]), the classification suite ((N,) ids vs (N, C) scores, zero_division=0), suite dispatch
-and metric names/order, shape checks, and ``is_better``.
+[-1, 1]), the classification suite ((N,) ids vs (N, C) scores, zero_division=0, weighted vs macro
+F1 on unequal supports, a sweep searching on weighted F1), suite dispatch and metric names/order,
+shape checks, and ``is_better``.
 """
 from __future__ import annotations
 
@@ -324,8 +325,8 @@ CLS_SCORES = np.array(  # row-wise argmax == CLS_IDS
 # class 1: TP=1 FP=2 FN=1 -> P=1/3, R=1/2, F1=2/5
 # class 2: TP=0 FP=0 FN=2 -> P=0 (zero_division=0), R=0, F1=0
 # acc 3/6 = 50; P_macro = (2/3 + 1/3 + 0)/3 = 1/3; R_macro = (1 + 1/2 + 0)/3 = 1/2;
-# F1_macro = (4/5 + 2/5 + 0)/3 = 2/5
-CLS_EXPECTED = {"acc": 50.0, "f1_macro": 40.0, "precision_macro": 100 / 3, "recall_macro": 50.0}
+# F1_macro = (4/5 + 2/5 + 0)/3 = 2/5; every class has 2 samples, so F1_weighted = F1_macro
+CLS_EXPECTED = {"acc": 50.0, "f1_macro": 40.0, "precision_macro": 100 / 3, "recall_macro": 50.0, "f1_weighted": 40.0}
 
 
 @pytest.mark.parametrize("pred", [CLS_IDS, CLS_SCORES], ids=["class_ids", "scores"])
@@ -346,11 +347,41 @@ def test_classification_predicted_class_absent_from_truth():
     # class 1: TP=2 FP=0 FN=0 -> P=1, R=1,   F1=1
     # class 2: TP=0 FP=1 FN=0 -> P=0, R=0 (zero_division), F1=0
     # acc 3/4; P_macro = 2/3; R_macro = 1/2; F1_macro = (2/3 + 1)/3 = 5/9
+    # F1_weighted = (2/3 * 2 + 1 * 2 + 0 * 0)/4 = 5/6 (class 2 has no sample: weight 0)
     result = classification_metrics(np.array([0, 2, 1, 1]), np.array([0, 0, 1, 1]))
     _check(
         result,
-        {"acc": 75.0, "f1_macro": 55.55555555555556, "precision_macro": 200 / 3, "recall_macro": 50.0},
+        {"acc": 75.0, "f1_macro": 55.55555555555556, "precision_macro": 200 / 3, "recall_macro": 50.0,
+         "f1_weighted": 250 / 3},
     )
+
+
+def test_classification_weighted_f1_with_unequal_supports():
+    # truth: class 0 x6, class 1 x2, class 2 x2
+    # class 0: pred 0 at 0-3, 9 -> TP=4 FP=1 FN=2 -> P=4/5, R=4/6, F1=2*4/(5+6)=8/11
+    # class 1: pred 1 at 4-6    -> TP=1 FP=2 FN=1 -> P=1/3, R=1/2, F1=2*1/(3+2)=2/5
+    # class 2: pred 2 at 7-8    -> TP=1 FP=1 FN=1 -> P=1/2, R=1/2, F1=2*1/(2+2)=1/2
+    # acc 6/10; F1_macro = (8/11 + 2/5 + 1/2)/3 = 179/330;
+    # F1_weighted = (6 * 8/11 + 2 * 2/5 + 2 * 1/2)/10 = 339/550, above macro: the big class scores best
+    truth = np.array([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 0])
+    _check(
+        classification_metrics(pred, truth),
+        {"acc": 60.0, "f1_macro": 100 * 179 / 330, "precision_macro": 100 * 49 / 90, "recall_macro": 100 * 5 / 9,
+         "f1_weighted": 100 * 339 / 550},
+    )
+
+
+def test_a_sweep_can_search_on_weighted_f1(tmp_path):
+    from helpers import sweep_config
+
+    from msa.platform.core.errors import MsaError
+
+    config = sweep_config(tmp_path, datasets=["synth_classification"], search={"metric": "f1_weighted", "mode": "max"})
+    assert config.selection_metric("classification") == "f1_weighted"
+    assert METRIC_MODES["f1_weighted"] == "max" and direction("f1_weighted") == "higher"
+    with pytest.raises(MsaError, match="contradicts f1_weighted"):
+        sweep_config(tmp_path, datasets=["synth_classification"], search={"metric": "f1_weighted", "mode": "min"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,7 +406,7 @@ def test_suite_metrics_names():
     assert SUITE_METRICS == {
         "mosi": ("acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7", "mae", "corr"),
         "sims": ("acc2", "acc3", "acc5", "f1", "mae", "corr"),
-        "classification": ("acc", "f1_macro", "precision_macro", "recall_macro"),
+        "classification": ("acc", "f1_macro", "precision_macro", "recall_macro", "f1_weighted"),
     }
 
 
@@ -470,6 +501,9 @@ def test_numpy_scores_match_scikit_learn(seed):
     n, classes = int(rng.integers(1, 40)), int(rng.integers(2, 8))
     truth, pred = rng.integers(0, classes, n), rng.integers(0, classes, n)
     assert weighted_f1(truth, pred) == pytest.approx(
+        100 * f1_score(truth, pred, average="weighted", zero_division=0), abs=1e-9
+    )
+    assert classification_metrics(pred, truth)["f1_weighted"] == pytest.approx(
         100 * f1_score(truth, pred, average="weighted", zero_division=0), abs=1e-9
     )
     macro = macro_scores(truth, pred)
