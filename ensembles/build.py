@@ -158,7 +158,7 @@ def _build_dataset(name: str, members: list[Member], options: EnsembleConfig, fo
     """One dataset's rows, ranked, as the leaderboard entry; the rows are returned for tracking."""
     best = members[0]  # members come ranked by valid score, across models
     config = training_config(best.candidate.folder)  # a seed group's first seed's
-    dataset = datasets.get(config["data"], _fingerprint(best), member=best.name)
+    dataset = datasets.get(config["data"], best.candidate.dataset, _fingerprint(best), member=best.name)
     suite, metric = dataset.metric_suite, best.candidate.selection_metric
     valid, test = prediction_matrix(members, "valid"), prediction_matrix(members, "test")
     rows = [_member_row(member, number, valid, test, best) for number, member in enumerate(members)]

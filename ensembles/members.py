@@ -20,7 +20,6 @@ from optuna.trial import TrialState
 
 from msa.ensembles.matrix import PredictionMatrix
 from msa.platform.core.errors import MsaError
-from msa.platform.core.files import sha256_path
 from msa.platform.core.metrics import loss_of
 from msa.platform.core.run_dir import RunDir
 from msa.platform.data.features import FeatureSet
@@ -164,18 +163,17 @@ class DatasetCache:
     """Datasets read for recomputing predictions, each once, checked against the fingerprint
     the trial recorded."""
 
-    def __init__(self, loaded: dict[str, FeatureSet] | None = None) -> None:
-        """`loaded`: datasets already in memory and hashed (a sweep's, in `msa run`), by path."""
-        self._loaded: dict[str, FeatureSet] = dict(loaded or {})
+    def __init__(self, loaded: list[FeatureSet] = ()) -> None:
+        """`loaded`: datasets already in memory (a sweep's, in `msa run`)."""
+        self._loaded = {(dataset.source, dataset.name): dataset for dataset in loaded}
 
-    def get(self, path: str, fingerprint: str | None, *, member: str) -> FeatureSet:
-        if path not in self._loaded:
+    def get(self, path: str, name: str, fingerprint: str | None, *, member: str) -> FeatureSet:
+        """The dataset `name` read from `path` (the name the trial recorded)."""
+        if (path, name) not in self._loaded:
             if not Path(path).exists():
                 raise MsaError(f"member {member}: its dataset {path} is gone; cannot recompute its predictions")
-            dataset = load_dataset(path)
-            dataset.fingerprint = sha256_path(path)
-            self._loaded[path] = dataset
-        dataset = self._loaded[path]
+            self._loaded[path, name] = load_dataset(path, name=name)
+        dataset = self._loaded[path, name]
         if fingerprint and dataset.fingerprint != fingerprint:
             raise MsaError(f"member {member}: dataset {path} changed since training (SHA-256 {dataset.fingerprint[:12]}... "
                            f"!= recorded {fingerprint[:12]}...)")
@@ -211,7 +209,8 @@ def load_member(candidate: Candidate, datasets: DatasetCache) -> Member:
 
 
 def _recompute(member: Member, stored: Checkpoint, splits: list[str], datasets: DatasetCache) -> None:
-    dataset = datasets.get(stored.config["data"], stored.metrics.get("dataset_fingerprint"), member=member.name)
+    dataset = datasets.get(stored.config["data"], stored.metrics["dataset"], stored.metrics.get("dataset_fingerprint"),
+                           member=member.name)
     checkpoint = LoadedCheckpoint(member.candidate.folder)
     for split in splits:
         part = dataset.splits[split]

@@ -107,8 +107,7 @@ def out_of_fold_members(candidate: Candidate, dataset: FeatureSet, pool: Split, 
     seed = int(training_config(candidate.folder)["seed"])
     for fold in range(int(folds.max()) + 1):
         fold_data = FeatureSet(
-            name=dataset.name, task=dataset.task, metric_suite=dataset.metric_suite, class_names=dataset.class_names,
-            source=dataset.source, fingerprint=dataset.fingerprint,
+            record=dataset.record, class_names=dataset.class_names,
             splits={"train": take(pool, np.flatnonzero(folds != fold)), "valid": take(pool, np.flatnonzero(folds == fold)),
                     "test": dataset.splits["test"]},
         )

@@ -11,6 +11,9 @@
 * ``msa ensemble RUN_DIR``: stacked ensembles of a sweep's best trials and their leaderboard.
 * ``msa leaderboard RUN_DIR --format csv|md|json|html|latex``: the leaderboard, exported.
 * ``msa run CONFIG``: the whole pipeline (sweep, ensembles, leaderboard).
+* ``msa cache list|clear``: the text cache (token ids and frozen prefixes, `msa.platform.data.text_cache`).
+
+``msa sweep`` and ``msa run`` take ``--dry-run``: every input checked, the plan printed, nothing written.
 
 ``msa sweep`` and ``msa run`` take ``--address`` to run on a Ray cluster (README, "Running on a cluster").
 
@@ -21,10 +24,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from msa.ensembles.leaderboard import export_board
 from msa.platform.core.errors import MsaError
+from msa.platform.core.files import human_bytes
+from msa.platform.data.text_cache import TextCache, cache_root
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -55,6 +61,23 @@ def _leaderboard(args: argparse.Namespace) -> None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
+def _cache(args: argparse.Namespace) -> None:
+    """`msa cache list|clear`: the text cache's entries and their size, or all of them deleted."""
+    cache = TextCache(cache_root(args.dir or ""))
+    if args.cache_command == "clear":
+        count, nbytes = cache.clear()
+        print(f"removed {count} entr{'y' if count == 1 else 'ies'} ({human_bytes(nbytes)}) from {cache.root}")
+        return
+    entries = cache.entries()
+    print(f"{cache.root}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+          f"{human_bytes(sum(e.size_bytes for e in entries))}")
+    for entry in entries:
+        what = "token ids" if entry.depth == 0 else f"prefix after {entry.depth} layer(s)"
+        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(entry.meta["created"]))
+        print(f"  {entry.folder.name[:12]}  {entry.meta['dataset']:<16} {what:<26} max_length "
+              f"{entry.meta['key']['max_length']:<4} {human_bytes(entry.size_bytes):>10}  {created} UTC")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every subcommand and option of `msa`. It is long because it is the CLI's one declaration:
     one statement per option, read top to bottom like the README's Commands section."""
@@ -79,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--train", type=int, default=600)
     synth.add_argument("--valid", type=int, default=200)
     synth.add_argument("--test", type=int, default=200)
+    synth.add_argument("--dims", metavar="M=D,...", help="feature size per modality, e.g. text=768,audio=74,vision=35 "
+                                                          "(CMU-MOSEI's; default text=32,audio=12,vision=16)")
+    synth.add_argument("--lengths", metavar="M=T,...", help="padded steps per modality, e.g. text=50,audio=50,vision=50 "
+                                                            "(default text=20,audio=30,vision=30)")
+    synth.add_argument("--words", metavar="MIN-MAX", default="3-7", help="filler words per transcript (default 3-7)")
     synth.set_defaults(run=_job("synth"))
     inspect = data_commands.add_parser("inspect", help="print splits, modalities, shapes and label statistics")
     inspect.add_argument("path")
@@ -91,10 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("-v", "--verbose", action="count", default=0,
                              help="-v: Ray's trial table and the trials' own output too; -vv: every trial result")
 
+    def dry_run_option(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--dry-run", action="store_true",
+                             help="check every input, print the plan (pairs, budgets, text-cache entries, driver "
+                                  "memory) and exit without starting Ray or writing anything")
+
     sweep = commands.add_parser("sweep", help="run (or resume) a sweep: one Optuna study per model x dataset")
     sweep.add_argument("config", nargs="?", help="sweep YAML (see sweeps/demo.yaml)")
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. budget.trials_per_pair=4")
     sweep.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted sweep")
+    dry_run_option(sweep)
     address_option(sweep)
     sweep.set_defaults(run=_job("sweep"))
 
@@ -138,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="sweep YAML (its ensemble: section configures the ensembles)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. ensemble.top_k=3")
     run.add_argument("--export", metavar="DIR", help="also write leaderboard.{csv,md,json,html,tex} into DIR")
+    dry_run_option(run)
     address_option(run)
     run.set_defaults(run=_job("run"))
 
@@ -162,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     leaderboard.add_argument("--format", choices=["csv", "md", "json", "html", "latex"], default="md")
     leaderboard.add_argument("--out", help="file to write (default: standard output)")
     leaderboard.set_defaults(run=_leaderboard)
+
+    cache = commands.add_parser("cache", help="list or clear the text cache (token ids and frozen-prefix hidden states)")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True, parser_class=OneLineParser)
+    for name, text in (("list", "list the entries, their size and age"), ("clear", "delete every entry")):
+        command = cache_commands.add_parser(name, help=text)
+        command.add_argument("--dir", help="the cache folder (default: $MSA_CACHE_DIR, else ~/.cache/msa-sweep/text)")
+        command.set_defaults(run=_cache)
 
     models = commands.add_parser("models", help="list the registered models")
     models.set_defaults(run=_job("models"))

@@ -27,9 +27,10 @@ from msa.platform.core.errors import MsaError
 from msa.platform.core.files import atomic_write
 from msa.platform.core.metrics import compute_metrics, direction
 from msa.platform.core.run_dir import RunDir
+from msa.platform.core.spec import MODALITIES
 from msa.platform.data.features import FeatureSet
 from msa.platform.data.readers import load_dataset, write_mmsa_pickle, write_npz
-from msa.platform.data.synth import synthesize
+from msa.platform.data.synth import DEFAULT_DIMS, DEFAULT_MAX_LENGTHS, synthesize
 from msa.platform.sweep.config import SweepConfig, load_sweep_config
 from msa.platform.sweep.driver import SweepSession, run_sweep
 from msa.platform.sweep.resume import resume_config
@@ -40,6 +41,7 @@ from msa.platform.tracking.server import MlflowServer, require_store, serving
 from msa.platform.training.checkpoint import prediction_table
 from msa.platform.training.config import resolve_config
 from msa.platform.training.loop import train_seed_group
+from msa.platform.training.progress import EpochProgress
 
 ENSEMBLE_FLAGS = ("top_k", "protocol", "folds", "seeds", "caruana_steps", "bootstrap", "seed")
 
@@ -52,8 +54,9 @@ def load_job_config(path: str, overrides: list[str]) -> tuple[SweepConfig, Ensem
 
 def train(args: argparse.Namespace) -> None:
     """`msa train`: one model (or, with ``seeds=n``, a seed group) trained in this process
-    through DeepSpeed; prints each epoch, then per seed the selected epoch's valid and test
-    metrics and where the checkpoint is."""
+    through DeepSpeed; shows its way through each epoch's batches on stderr (`progress.py`),
+    prints each epoch, then per seed the selected epoch's valid and test metrics and where the
+    checkpoint is."""
     values = load_yaml_mapping(args.config) if args.config else {}
     for key in ("model", "data", "out", "seed"):
         if getattr(args, key) is not None:
@@ -67,7 +70,7 @@ def train(args: argparse.Namespace) -> None:
         mark = " *" if record["improved"] else ""
         print(f"epoch {int(record['epoch']):3d}  loss {record['train_loss']:.4f}  valid: {metrics}{mark}", flush=True)
 
-    results = train_seed_group(config, on_epoch=show)
+    results = train_seed_group(config, on_epoch=show, progress=EpochProgress())
     for result in results:
         print(f"\n{'seed ' + str(result.out_dir.name.removeprefix('seed-')) + ': ' if len(results) > 1 else ''}"
               f"best epoch {result.best_epoch}, selected on valid {result.selection_metric}")
@@ -85,9 +88,33 @@ def synth(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.suffix not in (".pkl", ".npz"):
         raise MsaError(f"--out {out}: use a .pkl (MMSA pickle) or .npz file name")
-    dataset = synthesize(args.task, seed=args.seed, sizes=sizes)
+    dims = _per_modality(args.dims, "--dims") if args.dims else DEFAULT_DIMS
+    lengths = _per_modality(args.lengths, "--lengths") if args.lengths else {}
+    if set(lengths) - set(dims):
+        raise MsaError(f"--lengths names {', '.join(sorted(set(lengths) - set(dims)))}, which the data has no "
+                       f"features of (its modalities: {', '.join(dims)})")
+    low, _, high = args.words.partition("-")
+    if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
+        raise MsaError(f"--words {args.words!r}: give MIN-MAX, e.g. 8-40")
+    dataset = synthesize(args.task, seed=args.seed, sizes=sizes, dims=dims, words=(int(low), int(high)),
+                         max_lengths={m: lengths.get(m, DEFAULT_MAX_LENGTHS.get(m, 30)) for m in dims})
     (write_npz if out.suffix == ".npz" else write_mmsa_pickle)(dataset, out)
     print(f"wrote {out}: {dataset.task}, " + ", ".join(f"{s} {len(v)}" for s, v in dataset.splits.items()))
+
+
+def _per_modality(text: str, flag: str) -> dict[str, int]:
+    """``text=768,audio=74`` as ``{"text": 768, "audio": 74}``.
+
+    Raises:
+        MsaError: naming `flag`, for anything else."""
+    values = {}
+    for part in text.split(","):
+        modality, _, value = part.partition("=")
+        if modality not in MODALITIES or not value.isdigit() or int(value) < 1:
+            raise MsaError(f"{flag} {text!r}: give modality=positive integer pairs ({', '.join(MODALITIES)}), "
+                           f"e.g. text=768,audio=74")
+        values[modality] = int(value)
+    return values
 
 
 def inspect(args: argparse.Namespace) -> None:
@@ -142,12 +169,15 @@ def sweep(args: argparse.Namespace) -> None:
             config_path, overrides = None, [config_path, *overrides]
         config = resume_config(run_dir, config_path, overrides)
         ensemble_config(config.ensemble, where=str(RunDir(run_dir).config_file))
-        result = run_sweep(config, resume_dir=run_dir, address=args.address, verbose=args.verbose)
     else:
         if not args.config:
             raise MsaError("msa sweep: give a sweep config (e.g. sweeps/demo.yaml) or --resume RUN_DIR")
         config, _ = load_job_config(args.config, args.overrides)
-        result = run_sweep(config, address=args.address, verbose=args.verbose)
+        run_dir = None
+    if args.dry_run:
+        print(SweepSession(config, resume_dir=run_dir, address=args.address).plan())
+        return
+    result = run_sweep(config, resume_dir=run_dir, address=args.address, verbose=args.verbose)
     print("\n" + result.table())
 
 
@@ -183,13 +213,16 @@ def run(args: argparse.Namespace) -> None:
     ensembles of its best trials, then the leaderboard (written into ``<run dir>/ensembles/``
     and, with ``--export DIR``, into DIR too)."""
     config, options = load_job_config(args.config, args.overrides)
+    if args.dry_run:
+        print(SweepSession(config, address=args.address).plan())
+        return
     export = Path(args.export).resolve() if args.export else None
     with SweepSession(config, address=args.address, verbose=args.verbose) as session:
         result = session.run()
         print("\n" + result.table())
         if export is not None:
             export.mkdir(parents=True, exist_ok=True)
-        datasets = DatasetCache({dataset.source: dataset for dataset in session.datasets.values()})
+        datasets = DatasetCache(list(session.datasets.values()))
         board = build_ensembles(options, run_dir=result.run_dir.root, tracking_uri=session.tracking_uri,
                                 datasets=datasets, export=export)
     print_board(board, export or result.run_dir.ensembles_dir)

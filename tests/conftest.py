@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import Driver, FinishedSweep, sweep_config, synth_data, without_ray_address
-from leftovers import pytest_configure, pytest_sessionfinish, pytest_terminal_summary  # noqa: F401 (the check's hooks)
+from helpers import Driver, FinishedSweep, mmsa_named_alike, sweep_config, synth_data, without_ray_address
+import leftovers
+from leftovers import pytest_sessionfinish, pytest_terminal_summary  # noqa: F401 (the check's hooks)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -47,8 +50,22 @@ TIERS = {
     "mlflow_server": ("server",), "tracking_store": ("server",), "mlflow_store": ("server",),
     "own_mlflow_server": ("server",),
 }
+TEXT_CACHE = pytest.StashKey[str]()  # the session's text-cache folder, where this process made it
 OWN_RAY = ("cluster", "own_ray")  # tiers whose tests start Ray runtimes of their own
 RAY_GROUP = ("sweep", *OWN_RAY)  # tiers whose tests run Ray: one xdist worker runs them in order
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The leftover check's mark, and one text cache for the session (never the user's): set in
+    the environment, so xdist workers, Ray workers and `msa` subprocesses all share it."""
+    leftovers.pytest_configure(config)
+    if "MSA_CACHE_DIR" not in os.environ:
+        os.environ["MSA_CACHE_DIR"] = config.stash[TEXT_CACHE] = tempfile.mkdtemp(prefix="msa-test-text-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if TEXT_CACHE in config.stash:
+        shutil.rmtree(config.stash[TEXT_CACHE], ignore_errors=True)
 
 
 def tiers_of(item: pytest.Item) -> set[str]:
@@ -254,18 +271,20 @@ def run_finished(config, data_files) -> FinishedSweep:
 @pytest.fixture(scope="session")
 def reference_sweep(ray_runtime, mlflow_server, tmp_path_factory) -> FinishedSweep:
     """The session's reference sweep, run once, read by every test of a finished sweep: baseline
-    and TFN on the synthetic regression and 20-class sets (the built-ins), 3 TPE trials per pair
-    under ASHA (grace 1 epoch, halving), 2 at a time and at most 1 per pair, logged and registered
-    on the session's server; its console is kept."""
+    and TFN on the synthetic regression and 20-class sets (the built-ins' data, in two files named
+    alike as MMSA names CMU-MOSI's and CMU-MOSEI's, `mmsa_named_alike`, named by a mapping), 3 TPE
+    trials per pair under ASHA (grace 1 epoch, halving), 2 at a time and at most 1 per pair, logged
+    and registered on the session's server; its console is kept."""
     folder = tmp_path_factory.mktemp("reference")
+    data = mmsa_named_alike(folder / "data")
     config = sweep_config(
-        folder, name="reference", datasets=["synth_regression", "synth_classification"], models=["baseline", "tfn"],
+        folder, name="reference", datasets={name: str(path) for name, path in data.items()}, models=["baseline", "tfn"],
         budget={"trials_per_pair": 3, "max_epochs": 3},
         search={"seed": 0, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
         resources={"cpus_per_worker": 1, "max_concurrent_trials": 2, "max_trials_per_pair": 1},
         tracking={"uri": mlflow_server.uri},
     )
-    return run_finished(config, lambda run_dir: {name: run_dir.builtin_dataset(name) for name in config.datasets})
+    return run_finished(config, lambda run_dir: data)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pickle
 import signal
 import sqlite3
 import subprocess
@@ -67,16 +68,33 @@ def synth_data(folder: Path, name: str, task: str = "regression", *, sizes: dict
     """The built-in ``synth_<task>`` data (or `sizes` clips of it) written as ``folder/<name><suffix>``,
     named `name` inside too.
 
-    A sweep names a pair and its registered model after the dataset (an MMSA pickle's file stem,
-    an npz's recorded name), so a sweep on this file owns its registered names even on a tracking
-    server the whole session shares."""
+    A sweep names a pair and its registered model after the dataset (the name a file records,
+    else its stem), so a sweep on this file owns its registered names even on a tracking server
+    the whole session shares."""
     from msa.platform.data.readers import write_mmsa_pickle, write_npz
     from msa.platform.data.synth import synthesize
 
     path = folder / f"{name}{suffix}"
-    dataset = dataclasses.replace(synthesize(task, seed=0, sizes=sizes), name=name)
+    dataset = synthesize(task, seed=0, sizes=sizes)
+    dataset = dataclasses.replace(dataset, record=dataclasses.replace(dataset.record, name=name), validate=False)
     (write_npz if suffix == ".npz" else write_mmsa_pickle)(dataset, path)
     return path
+
+
+def mmsa_named_alike(folder: Path) -> dict[str, Path]:
+    """The built-in regression and classification sets as MMSA ships CMU-MOSI and CMU-MOSEI: two
+    pickles named ``unaligned_50.pkl`` in two folders, with no name inside (a dataset then takes
+    its file stem), by the built-in's name."""
+    paths = {}
+    for task in ("regression", "classification"):
+        path = folder / task / "unaligned_50.pkl"
+        path.parent.mkdir(parents=True)
+        synth_data(path.parent, "unaligned_50", task)
+        data = pickle.loads(path.read_bytes())
+        del data["name"]
+        path.write_bytes(pickle.dumps(data, protocol=4))
+        paths[f"synth_{task}"] = path
+    return paths
 
 
 @dataclass(frozen=True)

@@ -58,3 +58,11 @@ def finite_or_none(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     return value
+
+
+def human_bytes(nbytes: float) -> str:
+    """``512 B``, ``1.5 KiB``, ... ``3.2 GiB``."""
+    units, power = ("B", "KiB", "MiB", "GiB"), 0
+    while nbytes >= 1024 and power < len(units) - 1:
+        nbytes, power = nbytes / 1024, power + 1
+    return f"{nbytes:.0f} B" if power == 0 else f"{nbytes:.1f} {units[power]}"

@@ -32,8 +32,9 @@ LAYOUT_FILE = "layout.json"
 
 
 def pair_name(model: str, dataset: str) -> str:
-    """The name of a (model, dataset) study: ``fine-mosi_lite`` for a dataset path or a built-in."""
-    return f"{model}-{Path(dataset).stem}"
+    """The name of a (model, dataset) study: ``fine-mosi_lite`` for the dataset named ``mosi_lite``
+    (its `DatasetRecord` name, never a path: two files may share a stem)."""
+    return f"{model}-{dataset}"
 
 
 @dataclass(frozen=True)

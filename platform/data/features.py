@@ -10,7 +10,8 @@ hidden states after its frozen layers ``(N, L, h)``; `TextEncoding` says which.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 
@@ -70,36 +71,89 @@ class TextEncoding:
     encoder_sha256: str = ""
 
 
-@dataclass
-class FeatureSet:
-    """A validated dataset: three splits, one task, one metric suite.
+@dataclass(frozen=True)
+class DatasetRecord:
+    """Who a dataset is, made once by whatever made the data (a reader, the synthesizer) and the
+    same everywhere after: pair and study names, run-directory paths, MLflow tags, registered
+    model names, leaderboard sections and summaries all read `name` from here.
 
     Args:
-        name: short dataset name (file stem), used in run names.
+        name: the dataset's name: the sweep's mapping key, else the file's own name (an npz's
+            ``meta_json`` name, an MMSA pickle's ``name``), else the file stem.
+        path: the absolute path it was read from ("" for generated data not yet written).
+        sha256: SHA-256 of that file (of every file, in name order, for a folder); for generated
+            data, of the MMSA pickle it is written as.
         task: ``"regression"`` or ``"classification"``.
+        metric_suite: ``"mosi"``, ``"sims"`` or ``"classification"``.
+    """
+
+    name: str
+    path: str
+    sha256: str
+    task: str
+    metric_suite: str
+
+
+@dataclass
+class FeatureSet:
+    """A validated dataset: three splits and its `DatasetRecord`.
+
+    Args:
+        record: its identity (name, path, SHA-256, task, metric suite).
         splits: ``{"train": Split, "valid": Split, "test": Split}``.
-        metric_suite: ``"mosi"``, ``"sims"`` or ``"classification"`` (see `msa.platform.metrics`).
         class_names: class names for classification, in class-id order.
-        source: the path it was read from.
-        fingerprint: SHA-256 of `source` when the caller has computed it (a sweep does, once per
-            dataset, so its trials need not re-read the file).
         text_encoding: set when ``text`` holds a text encoder's input (see `TextEncoding`).
+        validate: check every array (``False`` only where the arrays were checked before).
 
     Raises:
         MsaError: naming the split and modality when the data is inconsistent.
     """
 
-    name: str
-    task: str
+    record: DatasetRecord
     splits: dict[str, Split]
-    metric_suite: str
     class_names: tuple[str, ...] = ()
-    source: str = ""
-    fingerprint: str | None = None
     text_encoding: TextEncoding | None = None
+    validate: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
-        self._validate()
+    def __post_init__(self, validate: bool) -> None:
+        if validate:
+            self._validate()
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def task(self) -> str:
+        return self.record.task
+
+    @property
+    def metric_suite(self) -> str:
+        return self.record.metric_suite
+
+    @property
+    def source(self) -> str:
+        return self.record.path
+
+    @property
+    def fingerprint(self) -> str:
+        return self.record.sha256
+
+    def with_text(self, text: dict[str, tuple[np.ndarray, np.ndarray]], encoding: TextEncoding) -> "FeatureSet":
+        """This dataset with its ``text`` modality replaced: per split, ``(array, lengths)`` as
+        `encoding` describes. Only the new arrays' shapes are checked: the other modalities were
+        checked when this dataset was made, and the text arrays where they were computed."""
+        splits = {}
+        for name, split in self.splits.items():
+            array, lengths = text[name]
+            if array.shape[0] != len(split) or lengths.shape != (len(split),):
+                self._fail(f"split {name!r}: {array.shape[0]} text rows and {lengths.shape} lengths for {len(split)} clips")
+            others = [m for m in split.features if m != "text"]
+            splits[name] = dataclasses.replace(
+                split, features={"text": array, **{m: split.features[m] for m in others}},
+                lengths={"text": lengths, **{m: split.lengths[m] for m in others}})
+        return FeatureSet(record=self.record, splits=splits, class_names=self.class_names, text_encoding=encoding,
+                          validate=False)
 
     @property
     def modalities(self) -> tuple[str, ...]:

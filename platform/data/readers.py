@@ -17,18 +17,20 @@ Formats, detected from the path (not the extension):
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from msa.platform.core.errors import MsaError
-from msa.platform.core.files import atomic_write
+from msa.platform.core.files import atomic_write, sha256_path
 from msa.platform.core.spec import MODALITIES
-from msa.platform.data.features import SPLITS, FeatureSet, Split
+from msa.platform.data.features import SPLITS, DatasetRecord, FeatureSet, Split
 
 UNIMODAL_SUFFIXES = {"text": "T", "audio": "A", "vision": "V"}
 MINTREC_INTENTS = (
@@ -37,37 +39,50 @@ MINTREC_INTENTS = (
     "Greet", "Ask for help",
 )
 MINTREC_SPLIT_FILES = {"train": "train.tsv", "valid": "dev.tsv", "test": "test.tsv"}
+INFER_ROWS = 1024
 MINTREC_FEATURE_FILES = {"text": "text_feats.pkl", "audio": "audio_feats.pkl", "vision": "video_feats.pkl"}
 
 
-def load_dataset(path: str | Path, *, replace_nonfinite: bool = False) -> FeatureSet:
-    """Read an npz file, an MMSA pickle or a MIntRec folder into a validated `FeatureSet`.
+def load_dataset(path: str | Path, *, name: str | None = None, replace_nonfinite: bool = False) -> FeatureSet:
+    """Read an npz file, an MMSA pickle or a MIntRec folder into a validated `FeatureSet`, with
+    its `DatasetRecord` (the file is hashed here, once).
 
     Args:
         path: the file or folder, as the user named it.
+        name: the dataset's name; default: the file's own (npz ``meta_json``, pickle ``name``,
+            MIntRec folder name), else its stem.
         replace_nonfinite: set NaN and +-inf features to 0 (what MMSA does for MOSEI) instead of
             refusing the file.
 
     Raises:
         MsaError: the path is missing, of no known format, or its contents are inconsistent.
     """
-    path = Path(path)
+    path = Path(path)  # as given: errors name it so
     if not path.exists():
         raise MsaError(f"data file not found: {path}")
     if path.is_dir():
-        return _read_mintrec(path, replace_nonfinite)
-    with path.open("rb") as handle:
-        head = handle.read(4)
-    if head.startswith(b"PK"):
-        return _read_npz(path, replace_nonfinite)
-    if head[:1] == b"\x80":
-        return _read_mmsa_pickle(path, replace_nonfinite)
-    raise MsaError(f"{path}: not an .npz archive, an MMSA pickle or a MIntRec folder")
+        read = _read_mintrec
+    else:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+        if head.startswith(b"PK"):
+            read = _read_npz
+        elif head[:1] == b"\x80":
+            read = _read_mmsa_pickle
+        else:
+            raise MsaError(f"{path}: not an .npz archive, an MMSA pickle or a MIntRec folder")
+    split_fields, meta = read(path, replace_nonfinite)
+    return assemble(DatasetSource(name=name or meta.get("name") or path.resolve().stem, path=str(path.resolve()),
+                                  sha256=sha256_path(path)), split_fields, meta)
 
 
 def infer_lengths(features: np.ndarray) -> np.ndarray:
-    """Number of steps up to the last step that is not all zeros, per row of ``(N, T, d)``."""
-    nonzero = np.abs(features).sum(axis=2) > 0  # (N, T)
+    """Number of steps up to the last step that is not all zeros, per row of ``(N, T, d)``;
+    `INFER_ROWS` rows at a time, so that no temporary of the features' size is made (CMU-MOSEI's
+    text features are 2.5 GB)."""
+    nonzero = np.empty(features.shape[:2], dtype=bool)  # (N, T)
+    for start in range(0, len(features), INFER_ROWS):
+        nonzero[start:start + INFER_ROWS] = (features[start:start + INFER_ROWS] != 0).any(axis=2)
     last = features.shape[1] - np.argmax(nonzero[:, ::-1], axis=1)
     return np.where(nonzero.any(axis=1), last, 0).astype(np.int64)
 
@@ -96,15 +111,25 @@ def _class_names(labels: list[np.ndarray], given: Any) -> tuple[str, ...]:
     return tuple(f"class_{i}" for i in range(top + 1))
 
 
-def _build(source: Path, split_fields: dict[str, dict[str, Any]], meta: dict[str, Any]) -> FeatureSet:
-    """Assemble a FeatureSet from per-split field dicts shared by the npz and pickle readers."""
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where a dataset's arrays came from: the part of its `DatasetRecord` the data does not say."""
+
+    name: str
+    path: str
+    sha256: str
+
+
+def assemble(source: DatasetSource, split_fields: dict[str, dict[str, Any]], meta: dict[str, Any]) -> FeatureSet:
+    """A validated FeatureSet (and its record) from the per-split fields every reader produces."""
+    where = source.path or source.name
     task = "regression" if all("regression_labels" in f for f in split_fields.values()) else "classification"
     has_unimodal = any(f.get("unimodal_labels") for f in split_fields.values())
     suite = "classification"
     if task == "regression":
         suite = meta.get("label_scale") or ("sims" if has_unimodal else "mosi")
         if suite not in ("mosi", "sims"):
-            raise MsaError(f"{source}: label_scale {suite!r} is not 'mosi' or 'sims'")
+            raise MsaError(f"{where}: label_scale {suite!r} is not 'mosi' or 'sims'")
     class_names: tuple[str, ...] = ()
     if task == "classification":
         class_names = _class_names(
@@ -117,13 +142,11 @@ def _build(source: Path, split_fields: dict[str, dict[str, Any]], meta: dict[str
             ids=f["ids"], features=f["features"], lengths=f["lengths"], labels=labels,
             unimodal_labels=f.get("unimodal_labels", {}), raw_text=f.get("raw_text"), text_bert=f.get("text_bert"),
         )
-    return FeatureSet(
-        name=meta.get("name") or source.stem, task=task, splits=splits, metric_suite=suite,
-        class_names=class_names, source=str(source),
-    )
+    record = DatasetRecord(name=source.name, path=source.path, sha256=source.sha256, task=task, metric_suite=suite)
+    return FeatureSet(record=record, splits=splits, class_names=class_names)
 
 
-def _read_npz(path: Path, replace_nonfinite: bool) -> FeatureSet:
+def _read_npz(path: Path, replace_nonfinite: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     try:
         archive = np.load(path, allow_pickle=False)
         keys = set(archive.files)
@@ -158,7 +181,7 @@ def _read_npz(path: Path, replace_nonfinite: bool) -> FeatureSet:
         if f"{s}_raw_text" in keys:
             fields["raw_text"] = get(f"{s}_raw_text").astype(str)
         split_fields[s] = fields
-    return _build(path, split_fields, meta)
+    return split_fields, meta
 
 
 def _label_fields(fields: dict[str, Any], raw: dict[str, Any], where: str) -> None:
@@ -179,7 +202,7 @@ def _label_fields(fields: dict[str, Any], raw: dict[str, Any], where: str) -> No
         raise MsaError(f"{where}: no 'regression_labels' or 'classification_labels'")
 
 
-def _read_mmsa_pickle(path: Path, replace_nonfinite: bool) -> FeatureSet:
+def _read_mmsa_pickle(path: Path, replace_nonfinite: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     try:
         with path.open("rb") as handle:
             data = pickle.load(handle)  # noqa: S301 - only paths the user named (see module docstring)
@@ -216,8 +239,7 @@ def _read_mmsa_pickle(path: Path, replace_nonfinite: bool) -> FeatureSet:
         if "text_bert" in raw:
             fields["text_bert"] = _text_bert(raw["text_bert"], len(fields["ids"]), where)
         split_fields[s] = fields
-    meta = {k: data[k] for k in ("class_names", "label_scale", "name") if k in data}
-    return _build(path, split_fields, meta)
+    return split_fields, {k: data[k] for k in ("class_names", "label_scale", "name") if k in data}
 
 
 def _text_bert(array: Any, n: int, where: str) -> np.ndarray:
@@ -231,7 +253,7 @@ def _text_bert(array: Any, n: int, where: str) -> np.ndarray:
     return ids
 
 
-def _read_mintrec(folder: Path, replace_nonfinite: bool) -> FeatureSet:
+def _read_mintrec(folder: Path, replace_nonfinite: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     for split_file in MINTREC_SPLIT_FILES.values():
         if not (folder / split_file).is_file():
             raise MsaError(f"{folder}: not a MIntRec folder ({split_file} missing) and not a data file")
@@ -276,7 +298,7 @@ def _read_mintrec(folder: Path, replace_nonfinite: bool) -> FeatureSet:
             padded, fields["lengths"][m] = _pad(sequences, f"{feature_path} ({s} split)")
             fields["features"][m] = _features(padded, str(feature_path), replace_nonfinite)
         split_fields[s] = fields
-    return _build(folder, split_fields, {"class_names": MINTREC_INTENTS, "name": folder.name})
+    return split_fields, {"class_names": MINTREC_INTENTS, "name": folder.name}
 
 
 def _pad(sequences: list[np.ndarray], where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -315,8 +337,8 @@ def write_npz(dataset: FeatureSet, path: Path) -> None:
     atomic_write(path, write)
 
 
-def write_mmsa_pickle(dataset: FeatureSet, path: Path) -> None:
-    """Write `dataset` in the MMSA pickle schema (text lengths are implied by zero padding)."""
+def _mmsa_mapping(dataset: FeatureSet) -> dict[str, Any]:
+    """`dataset` in the MMSA pickle schema (text lengths are implied by zero padding)."""
     label_key = "regression_labels" if dataset.task == "regression" else "classification_labels"
     data: dict[str, Any] = {}
     for s, split in dataset.splits.items():
@@ -332,10 +354,35 @@ def write_mmsa_pickle(dataset: FeatureSet, path: Path) -> None:
         for m, labels in split.unimodal_labels.items():
             raw[f"regression_labels_{UNIMODAL_SUFFIXES[m]}"] = labels
         data[s] = raw
+    data["name"] = dataset.name
     if dataset.class_names:
         data["class_names"] = list(dataset.class_names)
     if dataset.task == "regression":
         data["label_scale"] = dataset.metric_suite
+    return data
+
+
+class _HashingSink:
+    """A write-only file that keeps only the SHA-256 of what is written to it."""
+
+    def __init__(self):
+        self.digest = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return len(data)
+
+
+def mmsa_pickle_sha256(dataset: FeatureSet) -> str:
+    """The SHA-256 of the file `write_mmsa_pickle` would write, without writing it."""
+    sink = _HashingSink()
+    pickle.dump(_mmsa_mapping(dataset), sink, protocol=4)
+    return sink.digest.hexdigest()
+
+
+def write_mmsa_pickle(dataset: FeatureSet, path: Path) -> None:
+    """Write `dataset` in the MMSA pickle schema (text lengths are implied by zero padding)."""
+    data = _mmsa_mapping(dataset)
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as handle:

@@ -18,16 +18,20 @@ per video, so grouped folds can be tested.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from msa.platform.data.features import SPLITS, FeatureSet, Split
-from msa.platform.data.readers import MINTREC_INTENTS
+from msa.platform.data.features import SPLITS, DatasetRecord, FeatureSet, Split
+from msa.platform.data.readers import MINTREC_INTENTS, mmsa_pickle_sha256
 
 DEFAULT_SIZES = {"train": 600, "valid": 200, "test": 200}
 DEFAULT_DIMS = {"text": 32, "audio": 12, "vision": 16}
 DEFAULT_MAX_LENGTHS = {"text": 20, "audio": 30, "vision": 30}
+DEFAULT_WORDS = (3, 7)
 REGRESSION_WEIGHTS = {"text": 1.1, "audio": 0.8, "vision": 0.6}
 CLIPS_PER_VIDEO = 8
+CHUNK_ROWS = 1024
 FILLER_WORDS = ("the", "movie", "was", "really", "quite", "a", "film", "and", "story", "it", "i", "think", "so", "plot")
 SENTIMENT_BANDS = (("awful", "terrible", "horrible"), ("bad", "boring", "weak"), ("okay", "fine", "average"),
                    ("good", "nice", "enjoyable"), ("great", "amazing", "wonderful"))
@@ -38,13 +42,19 @@ TOPIC_WORDS = (("price", "cost"), ("food", "dinner"), ("work", "office"), ("fami
 def _sequences(
     rng: np.random.Generator, code: np.ndarray, max_length: int, noise: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Padded ``(N, T, d)`` sequences whose real steps are `code` ``(N, d)`` plus noise."""
+    """Padded ``(N, T, d)`` sequences whose real steps are `code` ``(N, d)`` plus noise, made
+    `CHUNK_ROWS` rows at a time (the same draws, in the same order, as one call would make), so
+    CMU-MOSEI-sized sets need no more than their float32 result in memory."""
     n, dim = code.shape
     lengths = rng.integers(max(2, max_length // 3), max_length + 1, size=n)
     distractor = rng.normal(size=(n, 1)) * rng.normal(size=(1, dim)) / np.sqrt(dim)
-    steps = code[:, None, :] + distractor[:, None, :] + noise * rng.normal(size=(n, max_length, dim))
-    mask = np.arange(max_length)[None, :] < lengths[:, None]
-    return (steps * mask[:, :, None]).astype(np.float32), lengths.astype(np.int64)
+    out = np.empty((n, max_length, dim), dtype=np.float32)
+    for start in range(0, n, CHUNK_ROWS):
+        rows = slice(start, min(start + CHUNK_ROWS, n))
+        steps = code[rows, None, :] + distractor[rows, None, :] + noise * rng.normal(size=(rows.stop - start, max_length, dim))
+        mask = np.arange(max_length)[None, :] < lengths[rows, None]
+        out[rows] = steps * mask[:, :, None]
+    return out, lengths.astype(np.int64)
 
 
 def _unit_directions(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
@@ -59,6 +69,7 @@ def synthesize(
     sizes: dict[str, int] | None = None,
     dims: dict[str, int] | None = None,
     max_lengths: dict[str, int] | None = None,
+    words: tuple[int, int] = DEFAULT_WORDS,
 ) -> FeatureSet:
     """Generate the synthetic dataset.
 
@@ -68,6 +79,8 @@ def synthesize(
         sizes: rows per split (default 600/200/200).
         dims: feature size per modality (default text 32, audio 12, vision 16).
         max_lengths: padded length per modality (default text 20, audio 30, vision 30).
+        words: filler words per transcript, lowest and highest (default 3 to 7; CMU-MOSEI's
+            utterances run to about 8-40 words).
 
     Example:
         >>> synthesize("classification", seed=1).spec.num_classes
@@ -92,18 +105,17 @@ def synthesize(
         offset = videos[-1] + 1
         splits[split_name] = Split(
             ids=ids, features=features, lengths=lengths, labels=labels,
-            raw_text=_transcripts(text_rng, task, text_factor),
+            raw_text=_transcripts(text_rng, task, text_factor, words),
         )
-    return FeatureSet(
-        name=f"synth_{task}", task=task, splits=splits,
-        metric_suite="mosi" if task == "regression" else "classification",
-        class_names=MINTREC_INTENTS if task == "classification" else (),
-        source=f"synthetic({task}, seed={seed})",
-    )
+    suite = "mosi" if task == "regression" else "classification"
+    dataset = FeatureSet(record=DatasetRecord(name=f"synth_{task}", path="", sha256="", task=task, metric_suite=suite),
+                         splits=splits, class_names=MINTREC_INTENTS if task == "classification" else ())
+    record = dataclasses.replace(dataset.record, sha256=mmsa_pickle_sha256(dataset))
+    return dataclasses.replace(dataset, record=record, validate=False)
 
 
-def _transcripts(rng: np.random.Generator, task: str, text_factor: np.ndarray) -> np.ndarray:
-    """One transcript per clip: 3-7 filler words with 1-2 words that carry `text_factor`."""
+def _transcripts(rng: np.random.Generator, task: str, text_factor: np.ndarray, words: tuple[int, int]) -> np.ndarray:
+    """One transcript per clip: `words` (lowest, highest) filler words with 1-2 words that carry `text_factor`."""
     texts = []
     for value in text_factor:
         if task == "regression":
@@ -111,10 +123,10 @@ def _transcripts(rng: np.random.Generator, task: str, text_factor: np.ndarray) -
             carriers = SENTIMENT_BANDS[band]
         else:
             carriers = TOPIC_WORDS[int(value)]
-        words = list(rng.choice(FILLER_WORDS, size=rng.integers(3, 8)))
+        chosen = list(rng.choice(FILLER_WORDS, size=rng.integers(words[0], words[1] + 1)))
         for _ in range(rng.integers(1, 3)):
-            words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(carriers)))
-        texts.append(" ".join(words))
+            chosen.insert(int(rng.integers(0, len(chosen) + 1)), str(rng.choice(carriers)))
+        texts.append(" ".join(chosen))
     return np.asarray(texts)
 
 

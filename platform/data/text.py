@@ -71,9 +71,11 @@ class EncoderInfo:
     model_type: str
     tokenizer_sha256: str
 
+    def weights_file(self) -> Path:
+        return next(self.folder / name for name in WEIGHT_FILES if (self.folder / name).is_file())
+
     def weights_sha256(self) -> str:
-        weights = next(self.folder / name for name in WEIGHT_FILES if (self.folder / name).is_file())
-        return _sha256_files([weights])
+        return _sha256_files([self.weights_file()])
 
     def tokenizer_files(self) -> list[Path]:
         return [self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
@@ -195,40 +197,43 @@ def _text_bert_ids(split: Split, tokenizer, max_length: int, where: str) -> tupl
     return ids.astype(np.int64), lengths
 
 
-def tokenize(dataset: FeatureSet, encoder: EncoderInfo, max_length: int) -> FeatureSet:
-    """`dataset` with its ``text`` modality replaced by `encoder`'s token ids (added when the data
-    has text but no text features, as MIntRec without ``text_feats.pkl``).
+def check_text(dataset: FeatureSet, encoder: EncoderInfo, tokenizer=None) -> str:
+    """Where `encoder`'s token ids for `dataset` come from: ``text_bert`` or ``raw_text``.
 
     Raises:
         MsaError: the dataset has neither raw text nor usable text_bert ids, or text_bert ids
             the tokenizer would not read as BERT did and no raw text to tokenize instead.
     """
     what = dataset.source or dataset.name
-    tokenizer = load_tokenizer(encoder.folder)
     has_bert = all(s.text_bert is not None for s in dataset.splits.values())
     has_raw = all(s.raw_text is not None for s in dataset.splits.values())
-    mismatch = bert_uncased_mismatch(tokenizer) if has_bert else ""
-    if has_bert and not mismatch:
-        source = "text_bert"
-    elif has_raw:
-        source = "raw_text"
-    elif has_bert:
-        raise MsaError(f"{what}: its only text is MMSA text_bert ids (bert-base-uncased) and the tokenizer of "
-                       f"{encoder.folder} does not match them: {mismatch}; use a BERT-uncased encoder or data with raw text")
-    else:
+    if not has_bert and not has_raw:
         raise MsaError(f"{what}: a text encoder needs the clips' text, and this dataset has none "
                        f"(no {{split}}_raw_text, raw_text, text_bert or MIntRec tsv text)")
-    splits = {}
+    mismatch = bert_uncased_mismatch(tokenizer or load_tokenizer(encoder.folder)) if has_bert else ""
+    if has_bert and not mismatch:
+        return "text_bert"
+    if has_raw:
+        return "raw_text"
+    raise MsaError(f"{what}: its only text is MMSA text_bert ids (bert-base-uncased) and the tokenizer of "
+                   f"{encoder.folder} does not match them: {mismatch}; use a BERT-uncased encoder or data with raw text")
+
+
+def tokenize(dataset: FeatureSet, encoder: EncoderInfo, max_length: int) -> FeatureSet:
+    """`dataset` with its ``text`` modality replaced by `encoder`'s token ids (added when the data
+    has text but no text features, as MIntRec without ``text_feats.pkl``).
+
+    Raises:
+        MsaError: see `check_text`.
+    """
+    tokenizer = load_tokenizer(encoder.folder)
+    source = check_text(dataset, encoder, tokenizer)
+    text = {}
     for name, split in dataset.splits.items():
         if source == "text_bert":
-            ids, lengths = _text_bert_ids(split, tokenizer, max_length, f"{what} split {name!r}")
+            text[name] = _text_bert_ids(split, tokenizer, max_length, f"{dataset.source or dataset.name} split {name!r}")
         else:
-            ids, lengths = encode_texts(tokenizer, split.raw_text, max_length)
-        others = [m for m in split.features if m != "text"]
-        splits[name] = dataclasses.replace(
-            split, features={"text": ids, **{m: split.features[m] for m in others}},
-            lengths={"text": lengths, **{m: split.lengths[m] for m in others}},
-        )
+            text[name] = encode_texts(tokenizer, split.raw_text, max_length)
     encoding = TextEncoding(tokenizer_sha256=encoder.tokenizer_sha256, max_length=max_length,
                             hidden_size=encoder.hidden_size, source=source)
-    return dataclasses.replace(dataset, splits=splits, text_encoding=encoding)
+    return dataset.with_text(text, encoding)

@@ -6,6 +6,7 @@ budgets. ``key=value`` overrides use dotted paths (``budget.trials_per_pair=4``)
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from msa.platform.training.config import SWEEP_OWNED, resolve_config
 
 # Datasets a sweep can name without a path: generated deterministically into the run directory.
 BUILTIN_DATASETS = ("synth_regression", "synth_classification")
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -132,7 +134,11 @@ class SweepConfig:
 
     Args:
         name: the sweep's name (run directory prefix).
-        datasets: built-in names (synth_regression, synth_classification) or paths.
+        datasets: built-in names (synth_regression, synth_classification) or paths; or a mapping
+            of dataset names to those (``{mosi: MOSI/unaligned_50.pkl, mosei: MOSEI/unaligned_50.pkl}``).
+            A dataset's name is its key, else the file's own name (an npz's ``meta_json`` name),
+            else its file stem; it names the dataset's pairs, studies, registered models and
+            leaderboard sections, so two datasets of one name are refused.
         models: registered model names.
         storage: folder under which each sweep gets its run directory; on a multi-node cluster
             a filesystem mounted at the same path on every node (checked before trials start).
@@ -144,7 +150,7 @@ class SweepConfig:
     """
 
     name: str = "sweep"
-    datasets: list[str] = field(default_factory=list)
+    datasets: list[str] | dict[str, str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -157,6 +163,12 @@ class SweepConfig:
 
     def selection_metric(self, suite: str) -> str:
         return self.search.metric or DEFAULT_SELECTION_METRIC[suite]
+
+    def dataset_entries(self) -> list[tuple[str | None, str]]:
+        """``(given name or None, path or built-in)`` per dataset, in the config's order."""
+        if isinstance(self.datasets, dict):
+            return list(self.datasets.items())
+        return [(None, where) for where in self.datasets]
 
 
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
@@ -177,7 +189,10 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
             get_entry(model)
         except MsaError as exc:
             raise MsaError(f"{where}: {exc}") from None
-    for dataset in config.datasets:
+    for name, dataset in config.dataset_entries():
+        if name is not None and not DATASET_NAME.fullmatch(name):
+            raise MsaError(f"{where}: dataset name {name!r} must be letters, digits, '_', '.' or '-' (it names files "
+                           f"and registered models)")
         if dataset not in BUILTIN_DATASETS and not Path(dataset).exists():
             raise MsaError(
                 f"{where}: dataset {dataset!r} is neither a built-in ({', '.join(BUILTIN_DATASETS)}) nor an existing path"

@@ -22,16 +22,11 @@ import yaml
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
-from msa.models.registry import get_entry
 from msa.platform.core.compat import ray_logs_dir, restored_run_config
 from msa.platform.core.config import to_plain
 from msa.platform.core.errors import MsaError
-from msa.platform.core.files import sha256_path
-from msa.platform.core.metrics import METRIC_MODES, SUITE_METRICS
-from msa.platform.core.run_dir import RunDir, pair_name
+from msa.platform.core.run_dir import RunDir
 from msa.platform.data.features import FeatureSet
-from msa.platform.data.readers import load_dataset, write_mmsa_pickle
-from msa.platform.data.synth import synthesize
 from msa.platform.data.text import absolute_encoder_path
 from msa.platform.sweep.callbacks import (
     LostCheckpoints,
@@ -50,12 +45,14 @@ from msa.platform.sweep.cluster import (
     node_kinds,
     trial_shape,
 )
-from msa.platform.sweep.config import BUILTIN_DATASETS, SweepConfig
+from msa.platform.sweep.config import SweepConfig
+from msa.platform.sweep.pairs import check_models_fit_data, load_datasets, saved_builtin, sweep_pairs
+from msa.platform.sweep.plan import describe_plan
 from msa.platform.sweep.schedule import MatrixSearch, PairScheduler, pair_scheduler
 from msa.platform.sweep.search_space import SearchSpace, load_search_space
 from msa.platform.sweep.searcher import PruningAwareOptunaSearch, trial_dirname
 from msa.platform.sweep.summary import PairSummary, SweepResult, summarize_study
-from msa.platform.sweep.text_inputs import DatasetRefs, sweep_inputs
+from msa.platform.sweep.text_inputs import DatasetInputs, driver_node_has_gpu, materialize, plan_text
 from msa.platform.sweep.trial import PairContext, run_trial
 from msa.platform.tracking.server import MlflowServer, check_tracking_uri
 from msa.platform.tracking.sweep_runs import SweepTracking
@@ -83,38 +80,6 @@ def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: s
         return session.run()
 
 
-def load_datasets(config: SweepConfig, run_dir: RunDir | None) -> dict[str, FeatureSet]:
-    """Every dataset, loaded once. Built-ins are generated (or, on resume, re-read from the run
-    directory); paths are read as given."""
-    datasets = {}
-    for name in config.datasets:
-        if name not in BUILTIN_DATASETS:
-            datasets[name] = load_dataset(Path(name).resolve())
-        elif run_dir is not None and run_dir.builtin_dataset(name).is_file():
-            datasets[name] = load_dataset(run_dir.builtin_dataset(name))
-        else:
-            datasets[name] = synthesize(name.removeprefix("synth_"), seed=0)
-    return datasets
-
-
-def check_models_fit_data(config: SweepConfig, datasets: dict[str, FeatureSet]) -> None:
-    """Every pair can run: the selection metric exists in each dataset's suite, and each model
-    gets at least the modalities it needs.
-
-    Raises:
-        MsaError: naming the dataset (and model).
-    """
-    for name, dataset in datasets.items():
-        metric = config.selection_metric(dataset.metric_suite)
-        if metric not in SUITE_METRICS[dataset.metric_suite]:
-            raise MsaError(
-                f"unknown metric {metric!r} for dataset {name!r} ({dataset.metric_suite} metrics: "
-                f"{', '.join(SUITE_METRICS[dataset.metric_suite])})"
-            )
-        for model in config.models:
-            get_entry(model).require_modalities(model, dataset.modalities, what=f"dataset {name!r}")
-
-
 class SweepSession:
     """A sweep's driver-side resources: its datasets (loaded and hashed once), its run directory,
     its tracking server (its own over the run directory, or the configured one) and, while `run`
@@ -130,12 +95,10 @@ class SweepSession:
         self.resuming = resume_dir is not None
         self.datasets = load_datasets(config, RunDir(resume_dir) if self.resuming else None)
         self.spaces = {model: load_search_space(model, config.search.spaces.get(model)) for model in config.models}
-        # What the trials read: each dataset, or with a text encoder its token ids and prefixes.
-        self.inputs, self.encoder_depth = sweep_inputs(config.train, self.datasets, list(self.spaces.values()))
-        check_models_fit_data(config, {name: inputs[0] for name, inputs in self.inputs.items()})
-        # Each pair's model, dataset and selection metric, in the sweep's order.
-        self.pairs = {pair_name(model, name): (model, name, config.selection_metric(self.datasets[name].metric_suite))
-                      for model in config.models for name in config.datasets}
+        # With a text encoder: the cache entries every dataset's trials can read.
+        self.text_plan = plan_text(config.train, list(self.spaces.values()), self.datasets)
+        self.pairs = sweep_pairs(config, self.datasets)
+        check_models_fit_data(self.pairs, self.datasets, text_encoder=self.text_plan is not None)
         if config.tracking.uri:  # an unreachable server is an input error
             check_tracking_uri(config.tracking.uri)
         if address:
@@ -144,8 +107,14 @@ class SweepSession:
             raise MsaError(f"cannot join the Ray cluster at {address!r}: this process already runs Ray; "
                            f"start the sweep from a fresh process")
         self.run_dir = RunDir(resume_dir) if self.resuming else None
+        if self.resuming:
+            _check_study_names(self.run_dir, self.pairs)
         self.server: MlflowServer | None = None
         self._trials_queued = False  # until then, a new sweep that is refused leaves no run directory behind
+
+    def plan(self) -> str:
+        """What the sweep would do (`--dry-run`), from the checked inputs alone."""
+        return describe_plan(self.config, self.datasets, self.pairs, self.text_plan, self.run_dir)
 
     @property
     def tracking_uri(self) -> str:
@@ -157,11 +126,9 @@ class SweepSession:
         try:
             if self.run_dir is None:
                 self.run_dir = _make_run_dir(self.config)
-            _save_builtin_datasets(self.datasets, self.run_dir)
-            for name, dataset in self.datasets.items():  # once here, not in every trial's checkpoint writer
-                dataset.fingerprint = sha256_path(dataset.source)
-                for view in self.inputs[name].values():
-                    view.source, view.fingerprint = dataset.source, dataset.fingerprint
+            where = {given or source: source for given, source in self.config.dataset_entries()}
+            self.datasets = {name: dataset if dataset.source else saved_builtin(dataset, where[name], self.run_dir)
+                             for name, dataset in self.datasets.items()}
             if not self.config.tracking.uri:
                 self.server = MlflowServer(self.run_dir.root)
                 self.server.launch()  # it boots while Ray starts
@@ -196,8 +163,9 @@ class SweepSession:
         result.write()
         return result
 
-    def _start_ray(self, own_runtime: bool) -> dict[str, DatasetRefs]:
-        """Start or join Ray, refuse what the cluster cannot run, and put the datasets in its store."""
+    def _start_ray(self, own_runtime: bool) -> dict[str, DatasetInputs]:
+        """Start or join Ray, refuse what the cluster cannot run, and make what the trials read
+        (the text cache's entries, the datasets in the object store)."""
         resources = self.config.resources
         joined = connect(self.address, resources.max_concurrent_trials, log_to_driver=self.verbose > 0) \
             if own_runtime else None
@@ -213,27 +181,28 @@ class SweepSession:
                   f"{time.monotonic() - checked_from:.1f} s)", flush=True)
         elif own_runtime and not self.verbose:
             print(f"trial output: {ray_logs_dir()} (-v prints it here too)", flush=True)
-        return {name: DatasetRefs({depth: [ray.put(view)] for depth, view in views.items()}, self.encoder_depth)
-                for name, views in self.inputs.items()}
+        on_cluster = joined is not None
+        return materialize(self.text_plan, self.datasets, ship=on_cluster,
+                           remote=self.text_plan is not None and (on_cluster or driver_node_has_gpu()))
 
-    def _run_matrix(self, refs: dict[str, DatasetRefs], tracking: SweepTracking) -> list[PairSummary]:
+    def _run_matrix(self, inputs: dict[str, DatasetInputs], tracking: SweepTracking) -> list[PairSummary]:
         """One Tune run over every pair; each study is closed (and its best registered) as soon
         as it is done, the others still running."""
         config = self.config
         self.run_dir.optuna_dir.mkdir(exist_ok=True)
         contexts, plans, closed = {}, {}, set()
-        for pair, (model, name, metric) in self.pairs.items():
-            study_tracking, was_closed = tracking.open_study(pair, model, self.datasets[name])
+        for pair in self.pairs.values():
+            study_tracking, was_closed = tracking.open_study(pair.name, pair.model, self.datasets[pair.dataset])
             if was_closed:
-                closed.add(pair)
-            contexts[pair] = PairContext(
-                dataset_refs=refs[name], run_dir=self.run_dir, pair=pair, shape=trial_shape(config.resources),
-                max_failures=config.resources.max_failures, tune_metric=f"best_valid_{metric}",
+                closed.add(pair.name)
+            contexts[pair.name] = PairContext(
+                inputs=inputs[pair.dataset], run_dir=self.run_dir, pair=pair.name, shape=trial_shape(config.resources),
+                max_failures=config.resources.max_failures, tune_metric=f"best_valid_{pair.metric}",
                 resuming=self.resuming, tracking=study_tracking,
             )
-            plans[pair] = PairPlan(budget=config.budget.trials_per_pair, metric=metric)
-            print(f"[{pair}] study {self.run_dir.study_url(pair)} ({config.budget.trials_per_pair} trials, "
-                  f"metric valid {metric}, {METRIC_MODES[metric]})", flush=True)
+            plans[pair.name] = PairPlan(budget=config.budget.trials_per_pair, metric=pair.metric)
+            print(f"[{pair.name}] study {self.run_dir.study_url(pair.name)} ({config.budget.trials_per_pair} trials, "
+                  f"metric valid {pair.metric}, {pair.mode})", flush=True)
         shape = next(iter(contexts.values())).shape
         trainable = tune.with_resources(tune.with_parameters(run_trial, contexts=contexts), shape.tune_request)
         summaries: dict[str, Future] = {}
@@ -281,8 +250,9 @@ class SweepSession:
         return [done[pair] for pair in contexts]
 
     def _summarize(self, pair: str, study) -> PairSummary:
-        model, dataset, metric = self.pairs[pair]
-        return summarize_study(study, run_dir=self.run_dir, pair=pair, model=model, dataset=dataset, metric=metric)
+        facts = self.pairs[pair]
+        return summarize_study(study, run_dir=self.run_dir, pair=pair, model=facts.model, dataset=facts.dataset,
+                               metric=facts.metric)
 
     def _close_study(self, pair: str, context: PairContext, tracking: SweepTracking) -> PairSummary:
         """Log the study's outcome, register its best trial and close its run (`SweepTracking`)."""
@@ -296,8 +266,9 @@ class SweepSession:
         sampler_class = optuna.samplers.TPESampler if config.search.sampler == "tpe" else optuna.samplers.RandomSampler
         searchers, schedulers, trial_configs = {}, {}, {}
         for pair, context in contexts.items():
-            model, name, metric = self.pairs[pair]
-            dataset, mode = self.datasets[name], METRIC_MODES[metric]
+            facts = self.pairs[pair]
+            model, metric, mode = facts.model, facts.metric, facts.mode
+            dataset = self.datasets[facts.dataset]
             searchers[pair] = PruningAwareOptunaSearch(
                 space=self.spaces[model].optuna_space(), metric=context.tune_metric, mode=mode,
                 sampler=sampler_class(seed=config.search.seed), study_name=pair,
@@ -360,6 +331,16 @@ def _restored_tuner(experiment: Path, trainable, callbacks: list, verbose: int) 
     return tuner
 
 
+def _check_study_names(run_dir: RunDir, pairs: dict) -> None:
+    """Raises MsaError when the run directory holds studies this version would not name so: an
+    older version named them otherwise (an npz after its stem), and resuming would start over."""
+    found = [db.stem for db in run_dir.study_dbs()]
+    if found and set(found) - set(pairs):
+        raise MsaError(f"{run_dir.root}: its studies ({', '.join(found)}) are not this version's ({', '.join(pairs)}): "
+                       f"it was made by msa-sweep {run_dir.layout_version()}, which named datasets otherwise; resume it "
+                       f"with that version, or name the datasets as it did with a mapping in a new sweep")
+
+
 def _make_run_dir(config: SweepConfig) -> RunDir:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     run_dir = RunDir(Path(config.storage) / f"{config.name}-{stamp}")
@@ -369,12 +350,3 @@ def _make_run_dir(config: SweepConfig) -> RunDir:
     run_dir.config_file.write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
     run_dir.write_layout(metadata.version("msa-sweep"))
     return run_dir
-
-
-def _save_builtin_datasets(datasets: dict[str, FeatureSet], run_dir: RunDir) -> None:
-    """Write generated datasets into the run directory, so trials and resumes read one file."""
-    for name, dataset in datasets.items():
-        path = run_dir.builtin_dataset(name)
-        if name in BUILTIN_DATASETS and not path.exists():
-            write_mmsa_pickle(dataset, path)
-            dataset.source = str(path)

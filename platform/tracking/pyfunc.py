@@ -24,6 +24,7 @@ from msa.models.registry import build_model
 from msa.platform.core.compat import untyped_python_model
 from msa.platform.core.config import build_dataclass
 from msa.platform.data.text import encode_texts, load_tokenizer
+from msa.platform.data.text_cache import PREFIX_DTYPE
 from msa.platform.training.checkpoint import Checkpoint
 from msa.platform.training.config import TextEncoderConfig
 from msa.platform.training.predict import predict
@@ -100,8 +101,8 @@ class LoadedCheckpoint:
         with torch_threads(self.threads):
             if self.text_encoding is not None:
                 ids, counts = encode_texts(self.tokenizer, np.asarray(inputs[RAW_TEXT]), self.text_encoding["max_length"])
-                cached = self.text_encoding["prefix_layers"]  # trained on the prefix cache: computed as it was
-                text = prefix_states(self.model, ids, counts, [cached])[cached] if cached else ids
+                cached = self.text_encoding["prefix_layers"]  # trained on the prefix cache: computed, and rounded, as it was
+                text = prefix_states(self.model, ids, counts, [cached])[cached].astype(PREFIX_DTYPE) if cached else ids
                 features = {"text": torch.as_tensor(text), **features}
                 lengths = {"text": torch.as_tensor(counts), **lengths}
             return predict(self.model, features, lengths, self.spec.task, int(self.config["batch_size"]))

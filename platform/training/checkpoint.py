@@ -293,8 +293,6 @@ class CheckpointWriter:
                           "num_classes": spec.num_classes, "class_names": list(dataset.class_names),
                           "metric_suite": dataset.metric_suite},
         }
-        source = Path(dataset.source)
-        self.fingerprint = dataset.fingerprint or (sha256_path(source) if source.exists() else None)
         existing = Checkpoint(out_dir)  # a resumed run: keep the best epoch already written
         self.weights_sha256 = existing.metrics["weights_sha256"] if existing.exists() else ""
 
@@ -314,7 +312,7 @@ class CheckpointWriter:
             _write_history(staging / HISTORY_FILE, history)
             encoder_record = self._copy_text_encoder(staging)
             metrics = {
-                "model": self.config.model, "dataset": self.dataset.name, "dataset_fingerprint": self.fingerprint,
+                "model": self.config.model, "dataset": self.dataset.name, "dataset_fingerprint": self.dataset.fingerprint or None,
                 "seed": self.config.seed, "best_epoch": best_epoch,
                 "selection_metric": self.config.selection_metric,
                 "selection_mode": METRIC_MODES[self.config.selection_metric],

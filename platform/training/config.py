@@ -34,6 +34,8 @@ class TextEncoderConfig:
         gradient_checkpointing: recompute the encoder's activations in backward (less memory).
         prefix_cache: compute the frozen prefix's hidden states once per dataset and train only
             the layers above it (false: run the frozen layers in every step).
+        cache_dir: the text cache's folder (token ids and prefixes, reused across runs); empty:
+            ``$MSA_CACHE_DIR``, else ``~/.cache/msa-sweep/text`` (``$XDG_CACHE_HOME`` when set).
     """
 
     path: str = ""
@@ -44,6 +46,7 @@ class TextEncoderConfig:
     max_length: int = 50
     gradient_checkpointing: bool = False
     prefix_cache: bool = True
+    cache_dir: str = ""
 
 
 @dataclass

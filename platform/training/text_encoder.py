@@ -7,9 +7,10 @@ parameters sit in the same module as the model's, hence in the same DeepSpeed en
 shards them, bf16 casts them), with their own parameter groups (`parameter_groups`).
 
 With ``freeze_layers: k`` the embeddings and the first k layers are frozen and stay in eval
-mode (no dropout), so their output depends on the data alone: `with_prefix` computes it once per
-(dataset, encoder weights, k, max_length), and a model given those hidden states in place of the
-ids runs only the layers above k, with the same result as running all of them.
+mode (no dropout), so their output depends on the data alone: `prefix_entries` computes it once per
+(dataset, encoder weights, k, max_length) into the text cache, and a model given those hidden
+states in place of the ids runs only the layers above k, with the same result as running all of
+them (up to the cache's float16 rounding of the frozen layers' output).
 
 Runs wherever `train_loop` runs, in the driver (the prefix cache of a sweep), and in the process
 that serves a registered encoder model. The encoder is assumed to be of the BERT family (BERT,
@@ -26,7 +27,8 @@ from torch import nn
 from msa.platform.core.compat import bidirectional_attention_mask
 from msa.platform.core.errors import MsaError
 from msa.platform.data.features import FeatureSet
-from msa.platform.data.text import EncoderInfo, offline, resolve_encoder, tokenize
+from msa.platform.data.text import EncoderInfo, offline, resolve_encoder
+from msa.platform.data.text_cache import PREFIX_DTYPE, CacheEntry, TextCache, cache_root, token_entry
 from msa.platform.training.config import TextEncoderConfig
 
 PREFIX_BATCH = 64  # rows per forward pass when the frozen prefix is computed
@@ -169,7 +171,8 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, config: T
 
 def encoder_inputs(dataset: FeatureSet, config: TextEncoderConfig) -> tuple[FeatureSet, EncoderInfo]:
     """`dataset` as the model of `config` reads it: token ids, or the cached prefix's hidden
-    states; tokenized and computed here unless the caller (a sweep's driver) already did.
+    states; read from the text cache (`msa.platform.data.text_cache`), computed into it first
+    when missing, unless the caller (a sweep's trial) passes them already.
 
     Raises:
         MsaError: see `resolve_encoder`, `tokenize` and `check_depth`; or data tokenized by another
@@ -177,49 +180,85 @@ def encoder_inputs(dataset: FeatureSet, config: TextEncoderConfig) -> tuple[Feat
     """
     encoder = resolve_encoder(config.path)
     check_depth(config, encoder)
+    wanted = cached_layers(config, encoder.depth)
     if dataset.text_encoding is None:
-        dataset = tokenize(dataset, encoder, config.max_length)
+        cache = TextCache(cache_root(config.cache_dir))
+        tokens = token_entry(dataset, encoder, config.max_length, cache)
+        entry = tokens if wanted == 0 else prefix_entries(tokens, encoder, [wanted], cache)[wanted]
+        return entry.apply(dataset), encoder
     encoding = dataset.text_encoding
     if (encoding.tokenizer_sha256, encoding.max_length) != (encoder.tokenizer_sha256, config.max_length):
         raise MsaError(f"{dataset.source or dataset.name}: its token ids were made by another tokenizer or to "
                        f"another length ({encoding.max_length}) than text_encoder's ({config.max_length})")
-    wanted = cached_layers(config, encoder.depth)
-    if encoding.prefix_layers == wanted:
-        return dataset, encoder
-    if encoding.prefix_layers != 0:
+    if encoding.prefix_layers != wanted:
         raise MsaError(f"{dataset.source or dataset.name}: holds the hidden states after {encoding.prefix_layers} "
                        f"layers, the config freezes {wanted}")
-    return with_prefix(dataset, encoder, [wanted])[wanted], encoder
+    return dataset, encoder
 
 
-def prefix_states(model: TextEncoderModel, ids: np.ndarray, lengths: np.ndarray, layers: list[int]) -> dict[int, np.ndarray]:
-    """Hidden states after the first k layers for each k in `layers`, as float32 ``(N, L, h)``,
-    computed in eval mode, `PREFIX_BATCH` rows at a time, in one pass through the layers."""
+def prefix_batches(model: TextEncoderModel, ids: np.ndarray, lengths: np.ndarray, layers: list[int]):
+    """Per block of `PREFIX_BATCH` rows, the hidden states after the first k layers for each k
+    in `layers` (``{k: (B, L, h)}`` float32 tensors on the model's device), computed in eval mode
+    in one pass through the layers."""
     model.eval()
-    out: dict[int, list[np.ndarray]] = {k: [] for k in layers}
+    device = next(model.parameters()).device
     ids_t, lengths_t = torch.as_tensor(ids), torch.as_tensor(lengths)
     with torch.no_grad():
         for start in range(0, len(ids), PREFIX_BATCH):
             part = slice(start, start + PREFIX_BATCH)
-            hidden, done = model.embed(ids_t[part]), 0
+            batch_lengths = lengths_t[part].to(device)
+            hidden, done, out = model.embed(ids_t[part].to(device)), 0, {}
             for k in sorted(layers):
-                hidden = model.run_layers(hidden, lengths_t[part], done, k)
+                hidden = model.run_layers(hidden, batch_lengths, done, k)
                 done = k
-                out[k].append(hidden.float().numpy())
-    return {k: np.concatenate(parts) for k, parts in out.items()}
+                out[k] = hidden.float()
+            yield out
 
 
-def with_prefix(dataset: FeatureSet, encoder: EncoderInfo, layers: list[int]) -> dict[int, FeatureSet]:
-    """`dataset` (token ids) with its text replaced by the hidden states after the first k
-    layers of `encoder`'s pretrained weights, per k in `layers` (one pass through the layers)."""
-    model = TextEncoderModel(load_encoder(encoder.folder), nn.Identity(), encoder.depth)
+def prefix_states(model: TextEncoderModel, ids: np.ndarray, lengths: np.ndarray, layers: list[int]) -> dict[int, np.ndarray]:
+    """Hidden states after the first k layers for each k in `layers`, as float32 ``(N, L, h)``
+    arrays (`prefix_batches`, gathered)."""
+    parts: dict[int, list[np.ndarray]] = {k: [] for k in layers}
+    for block in prefix_batches(model, ids, lengths, layers):
+        for k, hidden in block.items():
+            parts[k].append(hidden.cpu().numpy())
+    return {k: np.concatenate(blocks) for k, blocks in parts.items()}
+
+
+def prefix_entries(tokens: CacheEntry, encoder: EncoderInfo, depths: list[int], cache: TextCache) -> dict[int, CacheEntry]:
+    """The text-cache entries of `encoder`'s pretrained prefix at each depth in `depths`, over
+    the token ids of `tokens`; the missing ones computed in one pass through the layers (on a
+    GPU when this process has one), streamed to disk as float16 block by block, so no depth is
+    ever whole in memory.
+
+    Raises:
+        MsaError: hidden states that do not fit float16 (an encoder without layer norms).
+    """
     weights_sha256 = encoder.weights_sha256()
-    states = {name: prefix_states(model, split.features["text"], split.lengths["text"], layers)
-              for name, split in dataset.splits.items()}
-    out = {}
-    for k in layers:
-        splits = {name: dataclasses.replace(split, features={**split.features, "text": states[name][k]})
-                  for name, split in dataset.splits.items()}
-        encoding = dataclasses.replace(dataset.text_encoding, prefix_layers=k, encoder_sha256=weights_sha256)
-        out[k] = dataclasses.replace(dataset, splits=splits, text_encoding=encoding)
-    return out
+    keys = {k: dataclasses.replace(tokens.key(), depth=k, encoder_sha256=weights_sha256) for k in depths}
+    found = {k: cache.get(key) for k, key in keys.items()}
+    missing = sorted(k for k, entry in found.items() if entry is None)
+    if not missing:
+        return found
+    model = TextEncoderModel(load_encoder(encoder.folder), nn.Identity(), encoder.depth)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    writers = {k: cache.writer(keys[k], hidden_size=encoder.hidden_size, source=tokens.meta["source"],
+                               dataset=tokens.meta["dataset"]) for k in missing}
+    try:
+        for split, (ids, lengths) in tokens.arrays().items():
+            for writer in writers.values():
+                writer.start(split, (*ids.shape, encoder.hidden_size), PREFIX_DTYPE)
+            for block in prefix_batches(model, ids, lengths, missing):
+                for k, hidden in block.items():
+                    half = hidden.cpu().numpy().astype(PREFIX_DTYPE)
+                    if not np.isfinite(half).all():
+                        raise MsaError(f"{encoder.folder}: hidden states after layer {k} do not fit float16 (|x| > 65504); "
+                                       f"set text_encoder.prefix_cache=false")
+                    writers[k].append(split, half)
+            for writer in writers.values():
+                writer.finish(split, lengths)
+        return {**found, **{k: writer.publish() for k, writer in writers.items()}}
+    finally:
+        for writer in writers.values():
+            writer.discard()

@@ -51,6 +51,15 @@ def stored_test_predictions(run_dir: Path, member: str, task: str) -> np.ndarray
     return Checkpoint(folder).predictions("test").values
 
 
+def test_two_files_named_alike_are_two_sections_and_two_registered_ensembles(board, reference_sweep, mlflow_client):
+    """The reference sweep's two data files are both ``unaligned_50.pkl`` (as MMSA ships CMU-MOSI
+    and CMU-MOSEI), named by its mapping: one leaderboard section and one registered ensemble each."""
+    assert {path.name for path in reference_sweep.data.values()} == {"unaligned_50.pkl"}
+    assert sorted(entry["dataset"] for entry in board["datasets"]) == sorted(reference_sweep.data) == sorted(DATASETS)
+    for name in reference_sweep.data:
+        assert mlflow_client.get_registered_model(f"msa-ensemble-{name}").latest_versions
+
+
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_leaderboard_ranks_members_baselines_and_every_learner_on_valid(board, run_dir, dataset):
     entry = entry_of(board, dataset)
@@ -133,8 +142,8 @@ def test_msa_predict_with_the_registered_ensemble_reproduces_its_test_score(boar
     assert np.allclose(probabilities.sum(axis=1), 1.0)
 
 
-def test_the_registered_ensemble_loads_and_serves_where_msa_is_not_installed(board, run_dir, mlflow_client, clean_env,
-                                                                             tmp_path):
+def test_the_registered_ensemble_loads_and_serves_where_msa_is_not_installed(board, run_dir, reference_sweep, mlflow_client,
+                                                                             clean_env, tmp_path):
     """The classification ensemble (baseline and TFN members): its pyfunc carries the members'
     code and the combiner, not the meta-learners' fitting (SciPy) nor the ensemble build."""
     model_uri = "models:/msa-ensemble-synth_classification@champion"
@@ -147,7 +156,7 @@ def test_the_registered_ensemble_loads_and_serves_where_msa_is_not_installed(boa
             "msa/models/baseline.py"} <= carried
     assert not carried & {"msa/ensembles/meta_learners.py", "msa/ensembles/build.py", "msa/ensembles/registration.py"}
     assert "msa-sweep" not in (folder / "requirements.txt").read_text()
-    probabilities = check_serves_like_msa_predict(clean_env, model_uri, uri, run_dir / "data" / "synth_classification.pkl",
+    probabilities = check_serves_like_msa_predict(clean_env, model_uri, uri, reference_sweep.data["synth_classification"],
                                                   cwd=tmp_path, serve=True)
     assert probabilities.shape[1] == 20 and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
@@ -170,7 +179,7 @@ def test_msa_leaderboard_exports_each_format(board, run_dir, tmp_path, fmt):
         assert entry["dataset"] in text
 
 
-def test_out_of_fold_protocol_stacks_on_retrained_fold_models(board, run_dir, tmp_path):
+def test_out_of_fold_protocol_stacks_on_retrained_fold_models(board, run_dir, reference_sweep, tmp_path):
     out = tmp_path / "oof"
     assert main(["ensemble", str(run_dir), "--top-k", "1", "--protocol", "oof", "--learners", "mean,nnls",
                  "--out", str(out), "--no-register", *FAST, "--folds", "2"]) == 0
@@ -184,7 +193,7 @@ def test_out_of_fold_protocol_stacks_on_retrained_fold_models(board, run_dir, tm
     groups = [[Path(p) for p in group] for group in combiners["mean"]["groups"]]
     assert [len(g) for g in groups] == [2, 2]
     columns = [np.mean([Checkpoint(f).predictions("test").values for f in g], axis=0) for g in groups]
-    truth = load_dataset(run_dir / "data" / "synth_regression.pkl").splits["test"].labels
+    truth = load_dataset(reference_sweep.data["synth_regression"]).splits["test"].labels
     assert compute_metrics("mosi", np.mean(columns, axis=0), truth)["mae"] == pytest.approx(mean["test"]["mae"])
     fold_config = yaml.safe_load((groups[0][0] / "config.yaml").read_text())
     trial_folder = next(p for p in sweep_candidates(run_dir) if p.name == entry["best_single"]).folder
@@ -206,9 +215,9 @@ def test_members_can_come_from_an_mlflow_experiment(board, run_dir, mlflow_clien
     assert len(list((out / "checkpoints").glob("*/*/model.pt"))) == 12  # every finished trial's checkpoint
 
 
-def test_a_retrain_already_done_is_reused(run_dir, tmp_path):
+def test_a_retrain_already_done_is_reused(run_dir, reference_sweep, tmp_path):
     (candidate,) = [c for c in sweep_candidates(run_dir) if c.dataset == "synth_regression"][:1]
-    dataset = load_dataset(run_dir / "data" / "synth_regression.pkl")
+    dataset = load_dataset(reference_sweep.data["synth_regression"], name="synth_regression")
     out = retrain(candidate.folder, dataset, tmp_path / "again", seed=7)
     stamp = (out / "model.pt").stat().st_mtime_ns
     assert retrain(candidate.folder, dataset, tmp_path / "again", seed=7) == out

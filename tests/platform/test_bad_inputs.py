@@ -147,11 +147,11 @@ CASES = [
      r"train\.selection_metric is set by the sweep itself"),
     # a model that needs more modalities than the data has: refused before Ray starts
     ("train-too-few-modalities", lambda f: ["train", "--model", "dbr", "--data", text_only_npz(f), "--out", "run"],
-     r"model 'dbr' needs at least 2 modalities but dataset text\.npz has 1 \(text\)"),
+     r"model 'dbr' needs at least 2 modalities but dataset /\S+/text\.npz has 1 \(text\)"),
     ("sweep-too-few-modalities", lambda f: text_only_sweep(f, "sweep", "invariant"),
-     r"model 'invariant' needs at least 2 modalities but dataset 'text\.npz' has 1 \(text\)"),
+     r"model 'invariant' needs at least 2 modalities but dataset 'synth_regression' \(/\S+/text\.npz\) has 1 \(text\)"),
     ("run-too-few-modalities", lambda f: text_only_sweep(f, "run", "dbr"),
-     r"model 'dbr' needs at least 2 modalities but dataset 'text\.npz' has 1 \(text\)"),
+     r"model 'dbr' needs at least 2 modalities but dataset 'synth_regression' \(/\S+/text\.npz\) has 1 \(text\)"),
     # search spaces
     ("space-missing", lambda f: ["sweep", write(f, "s.yaml", SWEEP + "search: {spaces: {baseline: none.yaml}}\n")],
      r"search\.spaces\.baseline: .*none\.yaml does not exist"),

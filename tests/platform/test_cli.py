@@ -1,6 +1,6 @@
 """The `msa` command line: the real console script end to end (`msa train`), the other commands
-through `main` as the console script calls it, and every bad input the issue names ending in one
-line on stderr, exit status 2, and nothing written."""
+through `main` as the console script calls it (`msa train`'s progress lines on stderr too), and
+every bad input the issue names ending in one line on stderr, exit status 2, and nothing written."""
 from __future__ import annotations
 
 import os
@@ -33,6 +33,24 @@ def test_train_on_mosi_lite_beats_the_train_mean(driver, mosi_lite_path, tmp_pat
     assert (out / "model.pt").is_file() and "checkpoint:" in proc.stdout
 
 
+def test_train_shows_each_tenth_of_every_epochs_batches_on_stderr(synth_regression_pkl, tmp_path, capsys):
+    """Not a terminal (captured): a plain line per tenth of the batches; 96 clips in batches of 8
+    are 12 batches, so a line at the first batch count in each tenth, 10% to 100%, each epoch."""
+    import re
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", "baseline", "--data", str(synth_regression_pkl), "--out", str(out),
+                 "epochs=2", "batch_size=8", "patience=5"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if re.match(r"epoch \d+/2: batch ", line)]
+    plain = r"epoch (\d)/2: batch (\d+)/12 \((\d+)%\), \d+:\d\d elapsed, ETA \d+:\d\d, [\d.]+ (?:batch/s|s/batch)$"
+    found = [re.match(plain, line).groups() for line in lines]
+    done = [2, 3, 4, 5, 6, 8, 9, 10, 11, 12]
+    assert found == [(epoch, str(n), str(100 * n // 12)) for epoch in "12" for n in done]
+    assert [int(percent) // 10 for _, _, percent in found[:10]] == list(range(1, 11))
+    assert "batch" not in captured.out and "epoch   2  loss" in captured.out
+
+
 def test_synth_then_inspect(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["data", "synth", "--task", "classification", "--out", "c.pkl", "--train", "40"]) == 0
@@ -41,6 +59,17 @@ def test_synth_then_inspect(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "classification" in out and "20 classes" in out
     assert "[train] 40 clips" in out and "vision" in out
+
+
+def test_synth_writes_cmu_mosei_shapes_with_real_length_transcripts(tmp_path):
+    out = tmp_path / "mosei_like.pkl"
+    assert main(["data", "synth", "--out", str(out), "--train", "30", "--valid", "5", "--test", "7",
+                 "--dims", "text=768,audio=74,vision=35", "--lengths", "text=50,audio=40", "--words", "8-40"]) == 0
+    dataset = load_dataset(out)
+    shapes = {m: dataset.splits["test"].features[m].shape for m in dataset.modalities}
+    assert shapes == {"text": (7, 50, 768), "audio": (7, 40, 74), "vision": (7, 30, 35)}  # vision: the default 30 steps
+    words = [len(text.split()) for split in dataset.splits.values() for text in split.raw_text]
+    assert 9 <= min(words) and max(words) <= 42 and max(words) > 20  # 8-40 fillers plus 1-2 carriers
 
 
 def test_models_lists_the_registry(capsys):
@@ -133,6 +162,9 @@ def test_bad_data_is_one_line_error_and_nothing_written(kind, tmp_path, capsys):
         (["train", "--data", "DATA", "lr"], "not of the form key=value"),
         (["train", "--data", "DATA", "epochs=many"], "key 'epochs': expected an integer"),
         (["data", "synth", "--out", "x.csv"], "use a .pkl"),
+        (["data", "synth", "--out", "x.pkl", "--dims", "text=768,smell=3"], "--dims 'text=768,smell=3': give modality="),
+        (["data", "synth", "--out", "x.pkl", "--dims", "text=8", "--lengths", "audio=5"], "--lengths names audio"),
+        (["data", "synth", "--out", "x.pkl", "--words", "9-3"], "--words '9-3': give MIN-MAX"),
         (["nosuchcommand"], "invalid choice"),
     ],
 )

@@ -6,6 +6,7 @@ engine, with a worker killed: test_driver.py."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from importlib import metadata
 from pathlib import Path
@@ -20,7 +21,10 @@ from helpers import sweep_config, synth_data
 
 from msa.platform.cli import main
 from msa.platform.core.metrics import compute_metrics
-from msa.platform.sweep.driver import run_sweep
+from msa.platform.data.readers import load_dataset
+from msa.platform.sweep.config import load_sweep_config
+from msa.platform.sweep.driver import SweepSession, run_sweep
+from msa.platform.sweep.text_inputs import materialize
 from msa.platform.tracking.registry import load_registered
 from msa.platform.training.checkpoint import Checkpoint
 
@@ -104,3 +108,40 @@ def test_the_registered_ensemble_of_encoder_models_serves_raw_text(encoder_sweep
     truth = np.asarray([float(r["label"]) for r in rows])
     assert compute_metrics("mosi", served, truth) == pytest.approx(registered["test"])
     check_serves_like_msa_predict(clean_env, "models:/msa-ensemble-encoded@champion", uri, data, cwd=tmp_path)
+
+
+def test_a_second_sweep_on_the_same_data_computes_no_prefix(encoder_sweep, capsys):
+    """The same sweep again: its token ids and both prefix depths are cache hits, the console
+    says so, no entry is made, and a trial reads its depth memory-mapped in float16."""
+    result, _ = encoder_sweep
+    session = SweepSession(load_sweep_config(result.run_dir.config_file))
+    before = session.text_plan.cache.entries()
+    capsys.readouterr()
+    inputs = materialize(session.text_plan, session.datasets, ship=False, remote=False)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in printed] == [
+        "[text cache] encoded token ids", "[text cache] encoded depth 1", "[text cache] encoded depth 2"]
+    assert all(": cache hit (" in line for line in printed)
+    assert session.text_plan.cache.entries() == before
+    dataset = inputs["encoded"].load({"text_encoder": {"path": "unused", "freeze_layers": 1}})
+    text = dataset.splits["train"].features["text"]
+    assert isinstance(text, np.memmap) and text.dtype == np.float16 and dataset.text_encoding.prefix_layers == 1
+
+
+def test_on_a_cluster_a_ray_task_computes_the_prefixes_and_they_ship_through_the_object_store(
+        encoder_sweep, tmp_path, capsys):
+    """What a joined cluster does (`remote`, `ship`), on the session's runtime: the missing depths
+    come from the Ray task on the driver's node, and a trial on a node that does not see the cache
+    folder reads the same arrays from the object store."""
+    result, _ = encoder_sweep
+    session = SweepSession(load_sweep_config(result.run_dir.config_file))
+    fresh = {"fresh": load_dataset(synth_data(tmp_path, "fresh", sizes={"train": 20, "valid": 8, "test": 8}))}
+    inputs = materialize(session.text_plan, fresh, ship=True, remote=True)["fresh"]
+    printed = capsys.readouterr().out
+    assert "fresh depth 1: computed in" in printed and "fresh depth 2: computed in" in printed
+    config = {"text_encoder": {"path": "unused", "freeze_layers": 2}}
+    from_folder = inputs.load(config).splits["valid"].features["text"]
+    away = dataclasses.replace(inputs, prefixes={k: str(tmp_path / "not-on-this-node") for k in inputs.prefixes})
+    shipped = away.load(config).splits["valid"].features["text"]
+    assert not isinstance(shipped, np.memmap) and shipped.dtype == np.float16
+    np.testing.assert_array_equal(shipped, from_folder)

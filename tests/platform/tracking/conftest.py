@@ -10,6 +10,6 @@ PAIR = "baseline-synth_regression"
 @pytest.fixture(scope="package")
 def sweep(reference_sweep, mlflow_client) -> dict:
     """The reference sweep's run directory, its baseline study on the synthetic regression set (the
-    summary row), and the server: ``run_dir``, ``row``, ``uri``, ``client``."""
+    summary row), its data file, and the server: ``run_dir``, ``row``, ``data``, ``uri``, ``client``."""
     return {"run_dir": reference_sweep.run_dir, "row": reference_sweep.pair(PAIR), "uri": mlflow_client.tracking_uri,
-            "client": mlflow_client}
+            "client": mlflow_client, "data": reference_sweep.data["synth_regression"]}

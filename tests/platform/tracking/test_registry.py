@@ -39,7 +39,7 @@ def test_the_best_trial_is_registered_and_reproduces_its_stored_test_predictions
     mlflow.set_tracking_uri(sweep["uri"])
     mlflow.set_registry_uri(sweep["uri"])
     model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
-    test = load_dataset(sweep["run_dir"] / "data" / "synth_regression.pkl").splits["test"]
+    test = load_dataset(sweep["data"]).splits["test"]
     inputs = {**{m: x for m, x in test.features.items()}, **{f"{m}_lengths": n for m, n in test.lengths.items()}}
     predicted = model.predict(inputs)
     assert predicted.dtype == np.float32 and np.array_equal(predicted, stored)
@@ -75,7 +75,7 @@ def test_msa_registry_lists_the_champion_with_its_metrics(sweep, capsys):
 
 def test_msa_predict_writes_ids_and_predictions_and_prints_metrics(sweep, tmp_path, capsys):
     out = tmp_path / "preds.csv"
-    data = sweep["run_dir"] / "data" / "synth_regression.pkl"
+    data = sweep["data"]
     code = main(["predict", "--model", f"models:/{MODEL_NAME}@champion", "--data", str(data), "--out", str(out),
                  "--tracking-uri", sweep["uri"]])
     assert code == 0
@@ -90,7 +90,7 @@ def test_msa_predict_writes_ids_and_predictions_and_prints_metrics(sweep, tmp_pa
 
 
 def test_msa_predict_refuses_an_unknown_model_and_mismatched_data(sweep, tmp_path, capsys):
-    data = sweep["run_dir"] / "data" / "synth_regression.pkl"
+    data = sweep["data"]
     out = tmp_path / "preds.csv"
     assert main(["predict", "--model", "models:/msa-nope@champion", "--data", str(data), "--out", str(out),
                  "--tracking-uri", sweep["uri"]]) == 2
@@ -131,7 +131,7 @@ def test_a_model_registered_by_0_1_0_under_the_old_module_path_still_loads(sweep
     assert b"msa.platform.tracking.registry" not in (Path(folder) / "python_model.pkl").read_bytes()
 
     model = load_registered(f"models:/msa-legacy/{version}", sweep["uri"])
-    test = load_dataset(sweep["run_dir"] / "data" / "synth_regression.pkl").splits["test"]
+    test = load_dataset(sweep["data"]).splits["test"]
     inputs = {**{m: x for m, x in test.features.items()}, **{f"{m}_lengths": n for m, n in test.lengths.items()}}
     stored = LoadedCheckpoint(Path(sweep["row"].best_checkpoint)).predict(inputs)
     assert np.array_equal(model.predict(inputs), stored)

@@ -43,13 +43,13 @@ def test_it_loads_and_predicts_where_import_msa_fails_exactly_as_msa_predict(swe
     assert refused.returncode == 1 and "No module named 'msa'" in refused.stderr
 
     # and neither Ray, Optuna nor DeepSpeed is even tried there
-    check_serves_like_msa_predict(clean_env, MODEL_URI, sweep["uri"], sweep["run_dir"] / "data" / "synth_regression.pkl",
+    check_serves_like_msa_predict(clean_env, MODEL_URI, sweep["uri"], sweep["data"],
                                   cwd=tmp_path)
 
 
 def test_mlflow_models_serve_answers_invocations_with_msa_predicts_predictions(sweep, clean_env, tmp_path):
     clean_env.forget_guarded_imports()
-    data = sweep["run_dir"] / "data" / "synth_regression.pkl"
+    data = sweep["data"]
     inputs = serving_inputs(MODEL_URI, sweep["uri"], data, "test")
     with served(clean_env, MODEL_URI, sweep["uri"], cwd=tmp_path) as base:
         answered = invoke(base, invocations_body(inputs))

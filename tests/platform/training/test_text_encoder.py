@@ -112,15 +112,18 @@ def test_the_prefix_cache_gives_the_uncached_outputs_exactly(tiny_bert):
     assert torch.equal(from_ids, from_cache)
 
 
-def test_a_seeded_run_on_the_prefix_cache_equals_the_uncached_run(data_npz, tiny_bert, tmp_path):
+def test_a_seeded_run_on_the_prefix_cache_is_the_uncached_run_up_to_float16_rounding(data_npz, tiny_bert, tmp_path):
+    """The cache keeps the frozen layers' output in float16 (2 bytes a number): the run on it
+    follows the run through the frozen layers to within that rounding, epoch by epoch."""
     uncached = train(data_npz, tmp_path / "uncached", tiny_bert, epochs=2, model="fine", freeze_layers=1, prefix_cache=False)
     cached = train(data_npz, tmp_path / "cached", tiny_bert, epochs=2, model="fine", freeze_layers=1)
     assert Checkpoint(cached.out_dir).text_encoding["prefix_layers"] == 1
     assert Checkpoint(uncached.out_dir).text_encoding["prefix_layers"] == 0
     for split in ("valid", "test"):
-        np.testing.assert_array_equal(Checkpoint(cached.out_dir).predictions(split).values,
-                                      Checkpoint(uncached.out_dir).predictions(split).values)
-    assert [r["train_loss"] for r in cached.history] == [r["train_loss"] for r in uncached.history]
+        np.testing.assert_allclose(Checkpoint(cached.out_dir).predictions(split).values,
+                                   Checkpoint(uncached.out_dir).predictions(split).values, rtol=0, atol=1e-4)
+    np.testing.assert_allclose([r["train_loss"] for r in cached.history], [r["train_loss"] for r in uncached.history],
+                               rtol=1e-4)
 
 
 def test_encoder_inputs_refuse_ids_of_another_tokenization(data_npz, tiny_bert):
