@@ -31,7 +31,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from msa.platform.core.run_dir import RunDir
 from msa.platform.sweep.cluster import TrialShape, require_run_dir
 from msa.platform.sweep.schedule import PAIR_KEY
-from msa.platform.sweep.text_inputs import DatasetRefs
+from msa.platform.sweep.text_inputs import DatasetInputs
 from msa.platform.tracking.runs import EpochLogger, TrialTracking, open_trial_run
 from msa.platform.training.loop import train_seed_group
 
@@ -41,7 +41,7 @@ class PairContext:
     """What every trial of one (model, dataset) pair needs; every pair's is shipped once via
     `tune.with_parameters`."""
 
-    dataset_refs: DatasetRefs  # the dataset in the object store (per frozen-prefix depth with a text encoder)
+    inputs: DatasetInputs  # what its trials read: the dataset in the object store, text-cache entries
     run_dir: RunDir
     pair: str  # also the Optuna study's name
     shape: TrialShape
@@ -51,7 +51,7 @@ class PairContext:
     tracking: TrialTracking  # where the trial's MLflow run lives
 
 
-def _train_and_report(train_config: dict[str, Any], dataset_ref: list, report_api, tracking_uri: str, run_id: str) -> None:
+def _train_and_report(train_config: dict[str, Any], inputs: DatasetInputs, report_api, tracking_uri: str, run_id: str) -> None:
     """Train, logging every epoch to the trial's MLflow run (rank 0) and reporting it with a
     resumable checkpoint; continue from the last one.
 
@@ -60,7 +60,7 @@ def _train_and_report(train_config: dict[str, Any], dataset_ref: list, report_ap
     for storage_logger in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
         # Both log one INFO line per saved checkpoint, i.e. per epoch of every trial.
         logging.getLogger(storage_logger).setLevel(logging.WARNING)
-    dataset = ray.get(dataset_ref[0])
+    dataset = inputs.load(train_config)
     loggers: list[EpochLogger] = []  # rank 0's, made at its first epoch (the process group exists by then)
 
     def report(record: dict[str, float], save_state) -> None:
@@ -85,7 +85,7 @@ def _train_and_report(train_config: dict[str, Any], dataset_ref: list, report_ap
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
-    _train_and_report(loop_config["train"], loop_config["dataset_ref"], ray.train, loop_config["tracking_uri"],
+    _train_and_report(loop_config["train"], loop_config["inputs"], ray.train, loop_config["tracking_uri"],
                       loop_config["run_id"])
 
 
@@ -101,15 +101,14 @@ def run_trial(config: dict[str, Any], contexts: dict[str, PairContext]) -> None:
                      "final": float(finished.state == TrialState.COMPLETE)})
         return
     train_config = {**without_pair(config), "out": str(context.run_dir.trial(context.pair, trial_id))}
-    dataset_ref = context.dataset_refs.for_trial(train_config)
     run_id = open_trial_run(context.tracking, trial_id, train_config)
     if context.shape.inline:
-        _train_and_report(train_config, dataset_ref, tune, context.tracking.uri, run_id)
+        _train_and_report(train_config, context.inputs, tune, context.tracking.uri, run_id)
         return
     shape = context.shape
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"train": train_config, "dataset_ref": dataset_ref,
+        train_loop_config={"train": train_config, "inputs": context.inputs,
                            "tracking_uri": context.tracking.uri, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=shape.workers, use_gpu=shape.use_gpu,
                                      resources_per_worker=shape.per_worker, placement_strategy=shape.placement),
