@@ -52,7 +52,7 @@ def sweep_dict(folder: Path, **sections: Any) -> dict[str, Any]:
 def sweep_yaml(folder: Path, file: str = "sweep.yaml", **sections: Any) -> Path:
     """Write `sweep_dict(folder, **sections)` to ``folder/file``; returns its path."""
     path = folder / file
-    path.write_text(yaml.safe_dump(sweep_dict(folder, **sections)))
+    path.write_text(yaml.safe_dump(sweep_dict(folder, **sections), sort_keys=False))  # a datasets: mapping keeps its order
     return path
 
 

@@ -61,7 +61,7 @@ def test_two_files_named_alike_are_two_sections_and_two_registered_ensembles(boa
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
-def test_leaderboard_ranks_members_baselines_and_every_learner_on_valid(board, run_dir, dataset):
+def test_leaderboard_ranks_members_baselines_and_every_learner_on_valid(board, run_dir, reference_sweep, dataset):
     entry = entry_of(board, dataset)
     metric, task = entry["selection_metric"], entry["task"]
     rows = entry["rows"]
@@ -79,7 +79,7 @@ def test_leaderboard_ranks_members_baselines_and_every_learner_on_valid(board, r
     assert best["name"] == entry["best_single"]
     assert best["test_diff"][metric] == {"diff": 0.0, "low": 0.0, "high": 0.0}
     # Members' test numbers are those of their own stored predictions.
-    dataset_file = load_dataset(run_dir / "data" / f"{dataset}.pkl")
+    dataset_file = load_dataset(reference_sweep.data[dataset])
     truth = dataset_file.splits["test"].labels
     for row in singles:
         expected = compute_metrics(entry["metric_suite"], stored_test_predictions(run_dir, row["name"], task), truth)
@@ -129,12 +129,13 @@ def test_ensembles_are_logged_and_the_best_is_registered(board, run_dir, mlflow_
                 assert trial_ids[row["mlflow_run_id"]] == row["name"].split("/")[1]
 
 
-def test_msa_predict_with_the_registered_ensemble_reproduces_its_test_score(board, run_dir, mlflow_client, tmp_path):
+def test_msa_predict_with_the_registered_ensemble_reproduces_its_test_score(board, run_dir, reference_sweep, mlflow_client,
+                                                                          tmp_path):
     dataset = "synth_classification"
     entry = entry_of(board, dataset)
     out = tmp_path / "predictions.csv"
     assert main(["predict", "--model", f"models:/msa-ensemble-{dataset}@champion", "--tracking-uri", mlflow_client.tracking_uri,
-                 "--data", str(run_dir / "data" / f"{dataset}.pkl"), "--out", str(out)]) == 0
+                 "--data", str(reference_sweep.data[dataset]), "--out", str(out)]) == 0
     _, labels, probabilities = read_predictions_with_split(out)
     best = next(r for r in entry["rows"] if r["kind"] == "ensemble")
     metrics = compute_metrics("classification", probabilities, labels)

@@ -103,8 +103,9 @@ def registry(ray_runtime, mlflow_client, tmp_path_factory):
     data = synth_data(root, "aliased")
     other_data = root / "other" / "aliased.npz"  # same name, other clips: another fingerprint
     other_data.parent.mkdir()
-    write_npz(dataclasses.replace(synthesize("regression", seed=7, sizes={"train": 64, "valid": 24, "test": 24}),
-                                  name="aliased"), other_data)
+    other = synthesize("regression", seed=7, sizes={"train": 64, "valid": 24, "test": 24})
+    write_npz(dataclasses.replace(other, record=dataclasses.replace(other.record, name="aliased"), validate=False),
+              other_data)
     uri = mlflow_client.tracking_uri
     after, checkpoints = {}, {}
     for label, dataset in (("first", data), ("weaker", data), ("stronger", data), ("other-data", other_data)):
