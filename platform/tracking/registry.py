@@ -38,7 +38,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 from msa.platform.core.errors import MsaError
-from msa.platform.core.metrics import METRIC_MODES
+from msa.platform.core.metrics import loss_of
 from msa.platform.core.spec import DataSpec
 from msa.platform.tracking.aliases import REASON_TAG, assign, dataset_of, tag_number
 from msa.platform.tracking.client import client
@@ -144,21 +144,25 @@ def register_pyfunc(uri: str, run_id: str, name: str, tags: dict[str, str], *, p
     pinned requirements) as run `run_id`'s model, register it as `name` unless that run already
     is, tag the version and give it its alias."""
     mlflow_client = client(uri)
+    tags = {"dataset": dataset_of(name), **tags}
     existing = mlflow_client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if existing:
+    if existing:  # a resumed sweep whose last driver stopped after registering: finish tagging it
         version = max(existing, key=lambda v: int(v.version)).version
+        for key, value in tags.items():
+            mlflow_client.set_model_version_tag(name, version, key, value)
     else:
         root = type(python_model).__module__
         text_encoder = reads_raw_text(signature)
         with tempfile.TemporaryDirectory() as scratch, _quiet(), _using(uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=python_model, artifacts=artifacts, signature=signature,
-                code_paths=[str(stage_code(root, Path(scratch)))], registered_model_name=name,
-                await_registration_for=60, pip_requirements=pinned_requirements(root, text_encoder=text_encoder),
+                code_paths=[str(stage_code(root, Path(scratch)))],
+                pip_requirements=pinned_requirements(root, text_encoder=text_encoder),
             )
-        version = str(info.registered_model_version)
-    for key, value in {"dataset": dataset_of(name), **tags}.items():
-        mlflow_client.set_model_version_tag(name, version, key, value)
+            # The version is created with its tags in one request (one per tag took about a
+            # second per registration).
+            version = mlflow.register_model(info.model_uri, name, await_registration_for=60, tags=tags).version
+        version = str(version)
     alias, reason = assign(mlflow_client, name, version)
     return Registered(name=name, version=version, alias=alias, reason=reason)
 
@@ -259,9 +263,7 @@ def rank_versions(tracking_uri: str, dataset: str) -> list[list[dict[str, Any]]]
         groups.setdefault((row["fingerprint"], row["selection_metric"]), []).append(row)
     ranked = []
     for (_, metric), members in groups.items():
-        sign = 1.0 if METRIC_MODES.get(metric, "min") == "min" else -1.0
-        score = lambda row: row["valid"].get(metric)  # noqa: E731
-        members.sort(key=lambda row: (score(row) is None, sign * (score(row) or 0.0), -row["timestamp"]))
+        members.sort(key=lambda row: (loss_of(metric, row["valid"].get(metric)), -row["timestamp"]))
         ranked.append(members)
     return sorted(ranked, key=lambda members: -max(row["timestamp"] for row in members))
 
