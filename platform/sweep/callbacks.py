@@ -23,6 +23,7 @@ from msa.platform.sweep.schedule import OUT_OF_TIME_ATTR, PAIR_KEY
 from msa.platform.sweep.trial import without_pair
 from msa.platform.tracking.client import FAIL_REASON_TAG, STATE_TAG, client
 from msa.platform.tracking.runs import TrialTracking, failure_reason, log_trial_outcome, open_trial_run
+from msa.platform.training.config import resolve_config
 
 LIVE = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
 QUIET_TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
@@ -152,7 +153,9 @@ class TrialRunCloser(tune.Callback):
         tracking = self.trackings[config[PAIR_KEY]]
         mlflow_client = client(tracking.uri)
         folder = self.run_dir.trial(tracking.pair, trial_id)
-        run_id = open_trial_run(tracking, trial_id, {**without_pair(config), "out": str(folder)})  # a trial that failed before opening it
+        # A trial that failed before opening its run gets it here.
+        run_id = open_trial_run(tracking, trial_id, resolve_config({**without_pair(config), "out": str(folder)},
+                                                                   where=f"trial {trial_id} config"))
         closed_as = mlflow_client.get_run(run_id).data.tags.get(STATE_TAG)
         if closed_as is not None:  # closed before a driver was killed; Tune ran it again from its last checkpoint
             mlflow_client.set_terminated(run_id, status="FAILED" if closed_as == "failed" else "FINISHED")

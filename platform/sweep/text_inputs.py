@@ -34,7 +34,7 @@ from msa.platform.data.features import FeatureSet
 from msa.platform.data.text import EncoderInfo, check_text, resolve_encoder
 from msa.platform.data.text_cache import ENTRY_FILE, CacheEntry, EntryKey, TextCache, cache_root, open_entry, token_entry
 from msa.platform.sweep.search_space import SearchSpace
-from msa.platform.training.config import TextEncoderConfig
+from msa.platform.training.config import TextEncoderConfig, TrainConfig
 from msa.platform.training.text_encoder import cached_layers, check_depth, prefix_entries
 
 SEARCHED_DEPTH_KEYS = ("freeze_layers", "finetune", "prefix_cache")
@@ -51,13 +51,12 @@ class DatasetInputs:
     prefixes: dict[int, str] = field(default_factory=dict)  # depth -> its entry folder
     shipped: dict[int, list] = field(default_factory=dict)  # depth -> [ObjectRef] of (arrays, encoding), clusters only
 
-    def load(self, train_config: dict[str, Any]) -> FeatureSet:
+    def load(self, train_config: TrainConfig) -> FeatureSet:
         """The dataset as a trial of `train_config` reads it (in the trial's process)."""
         dataset = ray.get(self.base[0])
         if self.encoder_depth == 0:
             return dataset
-        encoder = build_dataclass(TextEncoderConfig, train_config.get("text_encoder", {}), where="trial text_encoder")
-        depth = cached_layers(encoder, self.encoder_depth)
+        depth = cached_layers(train_config.text_encoder, self.encoder_depth)
         if depth == 0:
             return dataset
         folder = Path(self.prefixes[depth])

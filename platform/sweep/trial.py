@@ -33,6 +33,7 @@ from msa.platform.sweep.cluster import TrialShape, require_run_dir
 from msa.platform.sweep.schedule import PAIR_KEY
 from msa.platform.sweep.text_inputs import DatasetInputs
 from msa.platform.tracking.runs import EpochLogger, TrialTracking, open_trial_run
+from msa.platform.training.config import TrainConfig, resolve_config
 from msa.platform.training.loop import train_seed_group
 
 
@@ -51,7 +52,7 @@ class PairContext:
     tracking: TrialTracking  # where the trial's MLflow run lives
 
 
-def _train_and_report(train_config: dict[str, Any], inputs: DatasetInputs, report_api, tracking_uri: str, run_id: str) -> None:
+def _train_and_report(train_config: TrainConfig, inputs: DatasetInputs, report_api, tracking_uri: str, run_id: str) -> None:
     """Train, logging every epoch to the trial's MLflow run (rank 0) and reporting it with a
     resumable checkpoint; continue from the last one.
 
@@ -100,7 +101,9 @@ def run_trial(config: dict[str, Any], contexts: dict[str, PairContext]) -> None:
         tune.report({"epoch": max(finished.intermediate_values, default=0), context.tune_metric: finished.value,
                      "final": float(finished.state == TrialState.COMPLETE)})
         return
-    train_config = {**without_pair(config), "out": str(context.run_dir.trial(context.pair, trial_id))}
+    # Resolved once here; tracking, the dataset's inputs and the training loop all read this one.
+    train_config = resolve_config({**without_pair(config), "out": str(context.run_dir.trial(context.pair, trial_id))},
+                                  where=f"trial {trial_id} config")
     run_id = open_trial_run(context.tracking, trial_id, train_config)
     if context.shape.inline:
         _train_and_report(train_config, context.inputs, tune, context.tracking.uri, run_id)

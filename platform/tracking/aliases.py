@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from mlflow.exceptions import MlflowException
 
 from msa.platform.core.errors import MsaError
-from msa.platform.core.metrics import METRIC_MODES
+from msa.platform.core.metrics import direction, is_better
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 REASON_TAG = "msa.alias_reason"
@@ -73,14 +73,6 @@ def tag_number(text: str | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def _beats(metric: str, score: float | None, other: float | None) -> bool:
-    if score is None:
-        return False
-    if other is None:
-        return True
-    return score < other if METRIC_MODES[metric] == "min" else score > other
-
-
 def decide(name: str, new: Standing, champion: Standing | None) -> tuple[str, str]:
     """(alias, reason) for a newly registered version `new` against the current `champion`."""
     if new.dataset != dataset_of(name):
@@ -91,10 +83,9 @@ def decide(name: str, new: Standing, champion: Standing | None) -> tuple[str, st
     if why_not:
         return CHALLENGER, f"not compared with champion version {champion.version}: {why_not}"
     shown = lambda score: "undefined" if score is None else f"{score:.6g}"  # noqa: E731
-    better = "lower" if METRIC_MODES[new.metric] == "min" else "higher"
     figures = (f"valid {new.metric} {shown(new.score)} against {shown(champion.score)} of champion version "
-               f"{champion.version} ({better} is better)")
-    if _beats(new.metric, new.score, champion.score):
+               f"{champion.version} ({direction(new.metric)} is better)")
+    if is_better(new.metric, new.score, champion.score):  # an undefined score never wins
         return CHAMPION, f"beats the champion: {figures}"
     return CHALLENGER, f"does not beat the champion: {figures}"
 

@@ -18,7 +18,6 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
@@ -39,7 +38,7 @@ from msa.platform.tracking.client import (
 )
 from msa.platform.tracking.plots import learning_curves
 from msa.platform.training.checkpoint import SeedGroup
-from msa.platform.training.config import resolve_config
+from msa.platform.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -56,19 +55,19 @@ class TrialTracking:
     dataset_fingerprint: str
 
 
-def trial_params(train_config: dict[str, Any]) -> dict[str, str]:
+def trial_params(train_config: TrainConfig) -> dict[str, str]:
     """The trial's fully resolved config, flattened: TrainConfig fields and every model-config
     field with its default filled in."""
-    resolved = to_plain(resolve_config(train_config, where="trial config"))
+    resolved = to_plain(train_config)
     model_config = build_model_config(resolved["model"], resolved["model_config"], where="model_config")
     return flatten({**resolved, "model_config": to_plain(model_config)})
 
 
-def open_trial_run(tracking: TrialTracking, trial_id: str, train_config: dict[str, Any]) -> str:
+def open_trial_run(tracking: TrialTracking, trial_id: str, train_config: TrainConfig) -> str:
     """The trial's run: created with params, tags and dataset inputs on its first attempt, found
     again (by Ray trial id) on a retry or a resumed sweep, where nothing is re-logged."""
     mlflow_client = client(tracking.uri)
-    seed, count = int(train_config.get("seed", 0)), int(train_config.get("seeds", 1))
+    seed, count = train_config.seed, train_config.seeds
     tags = {**tracking.tags, **environment_tags(), "seed": str(seed), ROLE_TAG: "trial",
             "seeds": ",".join(str(seed + offset) for offset in range(count))}
     run_id, created = find_or_create_run(

@@ -27,6 +27,7 @@ from msa.platform.sweep.driver import SweepSession, run_sweep
 from msa.platform.sweep.text_inputs import materialize
 from msa.platform.tracking.registry import load_registered
 from msa.platform.training.checkpoint import Checkpoint
+from msa.platform.training.config import TextEncoderConfig, TrainConfig
 
 SIZES = {"train": 64, "valid": 24, "test": 24}
 
@@ -139,7 +140,7 @@ def test_on_a_cluster_a_ray_task_computes_the_prefixes_and_they_ship_through_the
     inputs = materialize(session.text_plan, fresh, ship=True, remote=True)["fresh"]
     printed = capsys.readouterr().out
     assert "fresh depth 1: computed in" in printed and "fresh depth 2: computed in" in printed
-    config = {"text_encoder": {"path": "unused", "freeze_layers": 2}}
+    config = TrainConfig(text_encoder=TextEncoderConfig(path="unused", freeze_layers=2))
     from_folder = inputs.load(config).splits["valid"].features["text"]
     away = dataclasses.replace(inputs, prefixes={k: str(tmp_path / "not-on-this-node") for k in inputs.prefixes})
     shipped = away.load(config).splits["valid"].features["text"]

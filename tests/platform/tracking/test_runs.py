@@ -5,6 +5,7 @@ The sweep is the session's reference sweep (tests/conftest.py: 4 studies, 3 tria
 read from the session's MLflow server it logged to."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -19,6 +20,7 @@ from msa.platform.cli import main
 from msa.platform.core.run_dir import RunDir
 from msa.platform.tracking.client import PAIR_TAG, TRIAL_TAG
 from msa.platform.tracking.runs import EpochLogger, TrialTracking, open_trial_run
+from msa.platform.training.config import TrainConfig
 
 
 def runs_by_role(sweep) -> dict[str, list]:
@@ -105,9 +107,9 @@ def test_a_retried_trial_finds_its_run_and_never_relogs_a_param(mlflow_client, s
         uri=mlflow_client.tracking_uri, experiment_id=experiment, study_run_id=study_run_id, pair="retry-check", tags={},
         dataset_name="synth_regression", dataset_source=str(synth_regression_pkl), dataset_fingerprint="0" * 64,
     )
-    config = {"model": "baseline", "data": tracking.dataset_source, "lr": 0.001}
+    config = TrainConfig(model="baseline", data=tracking.dataset_source, lr=0.001)
     first = open_trial_run(tracking, "retry_0001", config)
-    again = open_trial_run(tracking, "retry_0001", {**config, "lr": 0.5})
+    again = open_trial_run(tracking, "retry_0001", dataclasses.replace(config, lr=0.5))
     assert again == first
     assert mlflow_client.get_run(first).data.params["lr"] == "0.001"
 
@@ -122,7 +124,7 @@ def test_trials_opening_runs_at_once_all_get_the_dataset_input(mlflow_client, sy
     parent = mlflow_client.create_run(experiment).info.run_id
     tracking = TrialTracking(uri=mlflow_client.tracking_uri, experiment_id=experiment, study_run_id=parent, pair="race", tags={},
                              dataset_name="synth_regression", dataset_source=source, dataset_fingerprint="1" * 64)
-    config = {"model": "baseline", "data": source}
+    config = TrainConfig(model="baseline", data=source)
     start, run_ids, errors = threading.Barrier(8), {}, []
 
     def open_run(index: int) -> None:
