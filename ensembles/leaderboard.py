@@ -36,10 +36,12 @@ from msa.ensembles.board_text import (
     ARROWS,
     MISSING,
     RANKING_SENTENCE,
+    decimals,
     facts,
     intro,
     legend,
     number,
+    rounded,
     seed_sd,
     unique,
 )
@@ -136,7 +138,9 @@ def to_csv(board: dict) -> str:
 
     Datasets with different metric suites share one table: the metric columns are the union over
     the datasets, in order of first appearance, and a cell is empty where a dataset lacks the
-    metric (as it is for an undefined value). Numbers are written at full precision (``repr``).
+    metric (as it is for an undefined value). Metrics and their differences are rounded as the
+    metric is read (accuracies and F1, in percent, to 1 decimal; MAE and Corr to 3), seconds to
+    2 decimals; ``leaderboard.json`` keeps full precision.
     """
     datasets = board["datasets"]
     valid_columns = unique((d["selection_metric"], d["directions"][d["selection_metric"]]) for d in datasets)
@@ -159,21 +163,21 @@ def to_csv(board: dict) -> str:
             record: dict[str, str] = {
                 "dataset": entry["dataset"], "rank": str(rank), "name": row["name"], "kind": row["kind"],
                 "stack_level": _csv_value(row["stack_level"]),
-                _csv_metric("valid", sel, directions[sel]): _csv_value(row["valid"].get(sel)),
+                _csv_metric("valid", sel, directions[sel]): _csv_value(row["valid"].get(sel), decimals(sel)),
                 "valid_estimate": row["valid_estimate"],
                 "members": "; ".join(f"{m['name']}:{m['weight']:.4f}" for m in row["members"]),
-                "fit_seconds": _csv_value(row["fit_seconds"]),
-                "predict_seconds": _csv_value(row["predict_seconds"]),
+                "fit_seconds": _csv_value(row["fit_seconds"], 2),
+                "predict_seconds": _csv_value(row["predict_seconds"], 2),
                 "mlflow_run_id": row["mlflow_run_id"] or "", "registered": row["registered"] or "",
                 "seeds": _csv_value((row.get("seeds") or {}).get("count")),
-                f"sd_valid_{sel}": _csv_value(seed_sd(row, "valid", sel)),
+                f"sd_valid_{sel}": _csv_value(seed_sd(row, "valid", sel), decimals(sel)),
             }
             for m in entry["metrics"]:
-                record[f"sd_test_{m}"] = _csv_value(seed_sd(row, "test", m))
-                record[_csv_metric("test", m, directions[m])] = _csv_value(row["test"].get(m))
+                record[f"sd_test_{m}"] = _csv_value(seed_sd(row, "test", m), decimals(m))
+                record[_csv_metric("test", m, directions[m])] = _csv_value(row["test"].get(m), decimals(m))
                 diff = row["test_diff"].get(m) or {}
                 for part, key in (("", "diff"), ("_low", "low"), ("_high", "high")):
-                    record[f"diff_{m}{part}"] = _csv_value(diff.get(key))
+                    record[f"diff_{m}{part}"] = _csv_value(diff.get(key), decimals(m))
             writer.writerow(record)
     return out.getvalue()
 
@@ -182,11 +186,12 @@ def _csv_metric(split: str, metric: str, direction: str) -> str:
     return f"{split}_{metric} ({direction} is better)"
 
 
-def _csv_value(value: Any) -> str:
+def _csv_value(value: Any, places: int | None = None) -> str:
+    """A cell: a number to `places` decimals (None: as it is, for counts), empty when undefined."""
     found = number(value)
     if found is None:
         return "" if value is None or isinstance(value, float) else str(value)
-    return repr(found)
+    return repr(found) if places is None else f"{found:.{places}f}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,8 +201,8 @@ def _csv_value(value: Any) -> str:
 
 def to_markdown(board: dict) -> str:
     """A header (run, protocol, folds, created, bootstrap), the ranking sentence, a legend, then per
-    dataset a ``## <dataset>`` section with one table. Numbers to 4 decimals (a seed group's
-    followed by `` ± <sd>``), undefined as ``–``."""
+    dataset a ``## <dataset>`` section with one table. Metrics rounded as the HTML rounds them
+    (a seed group's followed by `` ± <sd>``), seconds to 2 decimals, undefined as ``–``."""
     lines = ["# Leaderboard", ""]
     lines += [f"- {label}: {value}" for label, value in facts(board)]
     lines += ["", RANKING_SENTENCE, "", legend(board)]
@@ -225,9 +230,10 @@ def _table(entry: dict) -> tuple[list[str], list[list[str | tuple[str, ...]]], l
                  _with_sd(row, "valid", sel), str(row["valid_estimate"] or MISSING)]
         cells += [_with_sd(row, "test", m) for m in entry["metrics"]]
         cells.append(MISSING if number(diff.get("diff")) is None else
-                     f"{_fixed(diff.get('diff'))} [{_fixed(diff.get('low'))}, {_fixed(diff.get('high'))}]")
+                     f"{rounded(sel, diff.get('diff'), signed=True)} "
+                     f"[{rounded(sel, diff.get('low'), signed=True)}, {rounded(sel, diff.get('high'), signed=True)}]")
         cells.append(tuple(f"{m['name']} {m['weight']:.4f}" for m in row["members"]) or MISSING)
-        cells += [_fixed(row["fit_seconds"]), _fixed(row["predict_seconds"]),
+        cells += [_seconds(row["fit_seconds"]), _seconds(row["predict_seconds"]),
                   row["mlflow_run_id"] or MISSING, row["registered"] or MISSING]
         rows.append(cells)
     numeric = [h not in ("name", "kind", "valid estimate", "members", "MLflow run", "registered") for h in header]
@@ -236,16 +242,16 @@ def _table(entry: dict) -> tuple[list[str], list[list[str | tuple[str, ...]]], l
 
 def _with_sd(row: dict, split: str, metric: str) -> str:
     sd = seed_sd(row, split, metric)
-    return _fixed(row[split].get(metric)) + ("" if sd is None else f" ± {sd:.4f}")
+    return rounded(metric, row[split].get(metric)) + ("" if sd is None else f" ± {rounded(metric, sd)}")
 
 
 def _md_cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _fixed(value: Any) -> str:
+def _seconds(value: Any) -> str:
     found = number(value)
-    return MISSING if found is None else f"{found:.4f}"
+    return MISSING if found is None else f"{found:.2f}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from msa.platform.core.metrics import METRIC_MODES, loss_of
 from msa.platform.core.run_dir import RunDir
 from msa.platform.tracking.client import TRIAL_TAG
 from msa.platform.training.checkpoint import SeedGroup
+
+CONSOLE_WIDTH = 100  # the summary's lines, so that a terminal shows them unwrapped
 
 
 @dataclass(frozen=True)
@@ -71,14 +74,25 @@ class SweepResult:
         atomic_write(self.run_dir.summary_json, lambda tmp: tmp.write_text(json.dumps(rows, indent=2, default=str)))
         atomic_write(self.run_dir.summary_csv, lambda tmp: _write_csv(tmp, rows))
 
-    def table(self) -> str:
-        """The summary a person reads at the end of a sweep."""
-        lines = [f"{'pair':<34}{'trials':>7}{'done':>6}{'pruned':>8}{'failed':>8}  {'best valid':<22}best config"]
+    def table(self, width: int = CONSOLE_WIDTH) -> str:
+        """The summary a person reads at the end of a sweep: a row per pair, its best config
+        below it as ``key=value`` lines at most `width` wide (summary.json holds it in full)."""
+        lines = [f"{'pair':<34}{'trials':>7}{'done':>6}{'pruned':>8}{'failed':>8}  best valid"]
         for p in self.pairs:
             best = "-" if p.best_value is None else f"{p.metric.removeprefix('valid_')} {p.best_value:.4g}"
-            lines.append(f"{p.pair:<34}{p.trials:>7}{p.complete:>6}{p.pruned:>8}{p.failed:>8}  "
-                         f"{best:<22}{json.dumps(p.best_params)}")
+            lines.append(f"{p.pair:<34}{p.trials:>7}{p.complete:>6}{p.pruned:>8}{p.failed:>8}  {best}")
+            if p.best_params:
+                settings = " ".join(f"{name.replace('/', '.')}={_short(value)}" for name, value in p.best_params.items())
+                lines += textwrap.wrap(settings, width=width, initial_indent="  best config: ",
+                                       subsequent_indent=" " * len("  best config: "), break_long_words=False,
+                                       break_on_hyphens=False)
+        lines.append(f"full configs: {self.run_dir.summary_json}")
         return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    """A searched value as a person reads it: floats to 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 SUMMARY_COLUMNS = ("pair", "trials", "complete", "pruned", "failed", "metric", "best_value", "best_checkpoint")

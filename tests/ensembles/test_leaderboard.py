@@ -156,9 +156,23 @@ def diff_of(row: dict, metric: str) -> dict:
     return row["test_diff"][metric] or {"diff": None, "low": None, "high": None}
 
 
-def fixed(value) -> str:
+# Decimals a reader of each metric expects (independent of the module): accuracies and F1 are
+# percentages, to 1 decimal; MAE and Corr to 3.
+PLACES = {"mae": 3, "corr": 3}
+
+
+def shown(metric: str, value, *, signed: bool = False) -> str:
+    """A metric value as the Markdown (and HTML) show it: rounded per metric, a true minus sign."""
     value = defined(value)
-    return "–" if value is None else f"{value:.4f}"
+    if value is None:
+        return "–"
+    return f"{value:{'+' if signed else ''}.{PLACES.get(metric, 1)}f}".replace("-", "−")
+
+
+def csv_rounded(metric: str, value):
+    """A metric value as the CSV holds it, read back: rounded per metric."""
+    value = defined(value)
+    return None if value is None else round(value, PLACES.get(metric, 1))
 
 
 def each_row(board: dict):
@@ -227,19 +241,19 @@ def test_csv_json_markdown_hold_the_same_numbers(board):
 
         # the valid selection metric
         expected = defined(row["valid"][sel])
-        assert csv_number(csv_row[csv_column(csv_header, f"valid_{sel}")]) == expected
+        assert csv_number(csv_row[csv_column(csv_header, f"valid_{sel}")]) == csv_rounded(sel, expected)
         assert json_row["valid"][sel] == expected
-        assert md_row[f"valid {sel} {ARROW[entry['directions'][sel]]}"] == fixed(expected)
+        assert md_row[f"valid {sel} {ARROW[entry['directions'][sel]]}"] == shown(sel, expected)
 
         for m in entry["metrics"]:
             expected = defined(row["test"][m])
-            assert csv_number(csv_row[csv_column(csv_header, f"test_{m}")]) == expected, (row["name"], m)
+            assert csv_number(csv_row[csv_column(csv_header, f"test_{m}")]) == csv_rounded(m, expected), (row["name"], m)
             assert json_row["test"][m] == expected, (row["name"], m)
-            assert md_row[f"test {m} {ARROW[entry['directions'][m]]}"] == fixed(expected), (row["name"], m)
+            assert md_row[f"test {m} {ARROW[entry['directions'][m]]}"] == shown(m, expected), (row["name"], m)
             want = {k: defined(v) for k, v in diff_of(row, m).items()}
             got_csv = {k: csv_number(csv_row[f"diff_{m}{suffix}"])
                        for k, suffix in (("diff", ""), ("low", "_low"), ("high", "_high"))}
-            assert got_csv == want, (row["name"], m)
+            assert got_csv == {k: csv_rounded(m, v) for k, v in want.items()}, (row["name"], m)
             assert (json_row["test_diff"][m] or {"diff": None, "low": None, "high": None}) == want
             checked += 1
 
@@ -249,21 +263,26 @@ def test_csv_json_markdown_hold_the_same_numbers(board):
         if defined(want["diff"]) is None:
             assert cell == "–"
         else:
-            assert cell == f"{fixed(want['diff'])} [{fixed(want['low'])}, {fixed(want['high'])}]"
-            match = re.fullmatch(r"(-?\d+\.\d{4}) \[(-?\d+\.\d{4}), (-?\d+\.\d{4})\]", cell)
-            assert match and abs(float(match[1]) - want["diff"]) <= 5e-5
+            assert cell == (f"{shown(sel, want['diff'], signed=True)} "
+                            f"[{shown(sel, want['low'], signed=True)}, {shown(sel, want['high'], signed=True)}]")
+            places = PLACES.get(sel, 1)
+            number = rf"([+−]?\d+\.\d{{{places}}})"
+            match = re.fullmatch(rf"{number} \[{number}, {number}\]", cell)
+            assert match and abs(float(match[1].replace("−", "-")) - want["diff"]) <= 0.5 * 10 ** -places
 
         for key, column in (("fit_seconds", "fit s"), ("predict_seconds", "predict s")):
-            assert csv_number(csv_row[key]) == row[key] == json_row[key]
-            assert md_row[column] == f"{row[key]:.4f}"
+            assert csv_number(csv_row[key]) == round(row[key], 2) and row[key] == json_row[key]
+            assert md_row[column] == f"{row[key]:.2f}"
     assert checked == sum(len(e["metrics"]) * len(e["rows"]) for e in board["datasets"])
 
 
-def test_csv_numbers_are_full_precision_and_lacking_metrics_are_empty(board):
+def test_csv_numbers_are_rounded_per_metric_and_lacking_metrics_are_empty(board):
     rows = list(csv.DictReader(io.StringIO(to_csv(board))))
     caruana = rows[0]
-    value = board["datasets"][0]["rows"][0]["test"]["mae"]
-    assert caruana["test_mae (lower is better)"] == repr(value) and float(repr(value)) == value
+    row = board["datasets"][0]["rows"][0]
+    assert caruana["test_mae (lower is better)"] == f"{row['test']['mae']:.3f}"
+    assert caruana["test_acc2_has0 (higher is better)"] == f"{row['test']['acc2_has0']:.1f}"
+    assert json.loads(to_json(board))["datasets"][0]["rows"][0]["test"]["mae"] == row["test"]["mae"]  # JSON: full
     # the union of columns: a classification row has no MOSI metric and vice versa
     classification = rows[-1]
     assert classification["dataset"] == "synth_classification"
