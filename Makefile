@@ -4,13 +4,15 @@
 #                   can be installed, for the tests that render the HTML leaderboard)
 #   make test-fast  install, then run the fast tier: every test that starts no sweep, cluster,
 #                   driver, MLflow server, browser or clean venv and loads no real weights
+#   make docs       install, then serve the docs site (docs/) on http://127.0.0.1:8000
+#   make docs-reference  regenerate docs/reference/ from the config dataclasses and the CLI
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Strict editable installs link each module file; a new module needs a re-install.
 SOURCES := pyproject.toml constraints.txt $(shell find platform models ensembles search_spaces -name '*.py' -o -name '*.yaml' 2>/dev/null)
 
-.PHONY: install browser demo test test-fast clean
+.PHONY: install browser demo test test-fast docs docs-reference clean
 
 install: $(VENV)/.installed
 
@@ -18,7 +20,7 @@ $(VENV)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt \
-		--config-settings editable_mode=strict -e '.[test]'
+		--config-settings editable_mode=strict -e '.[test,docs]'
 	touch $@
 
 demo: install
@@ -38,6 +40,12 @@ test: install browser
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" --durations=10
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+
+docs-reference: install
+	$(BIN)/python -m msa.platform.reference
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,7 +15,7 @@
 
 ``msa sweep`` and ``msa run`` take ``--dry-run``: every input checked, the plan printed, nothing written.
 
-``msa sweep`` and ``msa run`` take ``--address`` to run on a Ray cluster (README, "Running on a cluster").
+``msa sweep`` and ``msa run`` take ``--address`` to run on a Ray cluster (docs/guides/sweeps.md, "Running on a cluster").
 
 Bad input ends with one line ``msa: error: ...`` on stderr and exit status 2.
 """
@@ -80,7 +80,7 @@ def _cache(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every subcommand and option of `msa`. It is long because it is the CLI's one declaration:
-    one statement per option, read top to bottom like the README's Commands section."""
+    one statement per option, read top to bottom; docs/reference/cli.md is generated from it."""
     parser = OneLineParser(prog="msa", description="Sweeps and ensembles for multimodal sentiment analysis.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 

@@ -134,7 +134,7 @@ class Driver:
 def interrupt_until_it_returns(process: subprocess.Popen, every_s: float = 10.0, tries: int = 6) -> None:
     """Ctrl-C, again as a person would if the command goes on: a SIGINT that lands while Python
     forks a process (Ray's start forks several) is lost, since CPython ignores an exception raised
-    in its at-fork handlers (RELIABILITY.md, Limits)."""
+    in its at-fork handlers (docs/reliability.md, Limits)."""
     for _ in range(tries):
         process.send_signal(signal.SIGINT)
         try:

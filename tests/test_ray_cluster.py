@@ -1,4 +1,4 @@
-"""`ray_cluster.yaml`, the cluster-launcher config the README's cluster section starts: it passes
+"""`ray_cluster.yaml`, the cluster-launcher config the cluster section of docs/guides/sweeps.md starts: it passes
 Ray's own schema, and the schema check is real (a field no node type has is refused)."""
 from __future__ import annotations
 

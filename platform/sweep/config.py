@@ -112,6 +112,14 @@ class ResourcesConfig:
 
 @dataclass
 class DeepSpeedSettings:
+    """How every trial runs DeepSpeed.
+
+    Args:
+        zero_stage: ZeRO stage: 0 (plain data parallel), 1 (optimizer states partitioned
+            across a trial's ranks), 2 (and gradients), 3 (and parameters: for large encoders).
+        precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16`` (GPU only).
+    """
+
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 

@@ -75,11 +75,12 @@ class TrainConfig:
         model_config: overrides of the model's own config dataclass.
         text_encoder: a Hugging Face text encoder trained end to end in place of the text
             features (`TextEncoderConfig`; off unless ``text_encoder.path`` is set).
-        inject_fault: reliability testing only (RELIABILITY.md): ``raise`` makes every rank
+        inject_fault: reliability testing only (docs/reliability.md): ``raise`` makes every rank
             raise, ``kill`` makes the last rank SIGKILL its own process, at the start of epoch
             ``inject_fault_epoch`` of an attempt that did not resume from a checkpoint (so a
             retry from the last checkpoint goes past it); in a seed group, only in its last
             seed's epoch. ``none`` in real runs.
+        inject_fault_epoch: the epoch at whose start ``inject_fault`` strikes.
     """
 
     model: str = "baseline"

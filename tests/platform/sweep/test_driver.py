@@ -115,7 +115,7 @@ def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_losing_trial
     assert [(row["trials"], row["complete"]) for row in summary] == [(3, 3), (3, 3)]
     # Ray's own record of each trial. Not asserted for trials finished under the killed driver:
     # Tune copies a trial's results from the driver's staging folder to storage every ~10 s, so
-    # one that finished in the last seconds before a SIGKILL has none (RELIABILITY.md).
+    # one that finished in the last seconds before a SIGKILL has none (docs/reliability.md).
     for trial_id in [*before_interrupt, *(i for i in ray_ids if i not in before_kill)]:
         assert (RunDir(run_dir).tune_experiment / trial_id / "result.json").is_file()
     folders = {t.user_attrs["ray_trial_id"]: RunDir(run_dir).trial(pair, t.user_attrs["ray_trial_id"])
