@@ -110,6 +110,14 @@ class FinishedSweep:
         return next(row for row in self.pairs if row.pair == name)
 
 
+# Runs the command after it with SIGINT at its default, as a terminal's foreground command has
+# it. A suite started as a background job of a non-interactive shell (`make test &`, CI runners)
+# has SIGINT ignored, every child inherits that, and Python then installs no KeyboardInterrupt:
+# the Ctrl-C tests' commands would never see their Ctrl-C.
+WITH_CTRL_C = [sys.executable, "-c",
+               "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"]
+
+
 @dataclass(frozen=True)
 class Driver:
     """The `msa` console script (or a Python snippet) in a process of its own, which starts its
@@ -122,9 +130,10 @@ class Driver:
         return subprocess.run([MSA, *args], cwd=cwd, env=env or self.env, capture_output=True, text=True, timeout=timeout)
 
     def start(self, *args: str, cwd: Path, stdout=subprocess.PIPE, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """`msa ARGS` started in the background, its output (both streams) to `stdout`."""
-        return subprocess.Popen([MSA, *args], cwd=cwd, env=env or self.env, stdout=stdout, stderr=subprocess.STDOUT,
-                                text=True)
+        """`msa ARGS` started in the background, its output (both streams) to `stdout`, with
+        Ctrl-C (SIGINT) acting as it does on a terminal's command (`WITH_CTRL_C`)."""
+        return subprocess.Popen([*WITH_CTRL_C, MSA, *args], cwd=cwd, env=env or self.env, stdout=stdout,
+                                stderr=subprocess.STDOUT, text=True)
 
     def python(self, code: str, *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env or self.env, capture_output=True, text=True,
