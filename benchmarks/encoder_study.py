@@ -180,7 +180,7 @@ def main() -> None:
         started = time.perf_counter()
         board = build_ensembles(EnsembleConfig(top_k=2, protocol="crossfit", folds=5, seeds=2, register=False,
                                                bootstrap=args.bootstrap),
-                                run_dir=encoded.run_dir.root, out_dir=None)
+                                run_dir=encoded.run_dir.root, out_dir=None).to_dict()
         (entry,) = board["datasets"]
         rows = [{"name": r["name"], "kind": r["kind"], "valid_mae": r["valid"]["mae"],
                  **{f"test_{m}": r["test"][m] for m in REPORTED}} for r in entry["rows"]]

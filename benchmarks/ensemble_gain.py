@@ -84,7 +84,7 @@ def main() -> None:
             options = EnsembleConfig(top_k=top_k, protocol=protocol, folds=args.folds, seeds=args.seeds,
                                      register=protocol == "crossfit")
             started = time.perf_counter()
-            board = build_ensembles(options, run_dir=run_dir, out_dir=out_dir)
+            board = build_ensembles(options, run_dir=run_dir, out_dir=out_dir).to_dict()
             result["protocols"][protocol] = {"top_k_per_model": top_k, "seconds": round(time.perf_counter() - started, 1),
                                              "rows": summarise(board)}
     print(json.dumps(result, indent=2))  # after the redirect ends: on stdout

@@ -2,8 +2,8 @@
 resource) that fits one 1400 px screen: numbers rounded per metric (accuracies and F1 to one
 decimal, MAE and Corr to three), mean ± sd where a row is a seed group, the best value of each
 metric column in bold, an ensemble's members and weights folded (``<details>``), and each
-dataset's chart of test differences embedded as a PNG. Its full-precision twin is the Markdown
-and CSV (`leaderboard.py`)."""
+dataset's chart of test differences embedded as a PNG. Its full-precision twin is the JSON
+(`leaderboard.py`); it reads a `board.Leaderboard`."""
 from __future__ import annotations
 
 import base64
@@ -11,18 +11,17 @@ import html
 import io
 from pathlib import Path
 
+from msa.ensembles.board import BoardRow, DatasetBoard, Leaderboard
 from msa.ensembles.board_text import (
     ARROWS,
     MISSING,
     RANKING_SENTENCE,
-    best_rows,
     facts,
     intro,
     legend,
     metric_label,
     number,
     rounded,
-    seed_sd,
     unique,
 )
 from msa.platform.tracking.plots import pyplot
@@ -42,11 +41,11 @@ _CSS = (
 )
 
 
-def to_html(board: dict) -> str:
+def to_html(board: Leaderboard) -> str:
     """The page: run facts, the ranking sentence and legend, then per dataset its table, a note
     on how each kind of row's valid score was estimated, and its chart."""
     esc = html.escape
-    title = f"Leaderboard: {Path(str(board['run_dir'])).name or board['run_dir']}"
+    title = f"Leaderboard: {Path(str(board.run_dir)).name or board.run_dir}"
     parts = [
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         f"<title>{esc(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
@@ -54,14 +53,14 @@ def to_html(board: dict) -> str:
         *[f"<li><strong>{esc(label)}:</strong> {esc(str(value))}</li>" for label, value in facts(board)],
         "</ul>", f"<p>{esc(RANKING_SENTENCE)}</p>", f'<p class="legend">{esc(legend(board))}</p>',
     ]
-    for entry in board["datasets"]:
-        sel = entry["selection_metric"]
+    for entry in board.datasets:
+        sel = entry.selection_metric
         alt = (f"Bar chart: test {sel} of each row minus the best single model "
-               f"({entry['best_single']}) on {entry['dataset']}, with 95% intervals")
+               f"({entry.best_single}) on {entry.dataset}, with 95% intervals")
         png = base64.b64encode(chart_png(entry)).decode("ascii")
-        estimates = unique((row["kind"], row["valid_estimate"]) for row in entry["rows"] if row["valid_estimate"])
+        estimates = unique((row.kind, row.valid_estimate) for row in entry.rows if row.valid_estimate)
         parts += [
-            "<section>", f"<h2>{esc(str(entry['dataset']))}</h2>", f"<p>{esc(intro(entry))}</p>",
+            "<section>", f"<h2>{esc(str(entry.dataset))}</h2>", f"<p>{esc(intro(entry))}</p>",
             _table(entry),
             '<p class="note">Valid scores: ' + "; ".join(f"{esc(kind)}: {esc(text)}" for kind, text in estimates)
             + ". Mean ± sd: over a seed group's seeds (its Δ compares the seeds' mean prediction). Registered: "
@@ -75,61 +74,61 @@ def to_html(board: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def table_header(entry: dict) -> list[str]:
+def table_header(entry: DatasetBoard) -> list[str]:
     """The table's column headers, in order."""
-    sel, directions = entry["selection_metric"], entry["directions"]
+    sel, directions = entry.selection_metric, entry.directions
     return ["#", "name", "kind", f"valid {metric_label(sel)} {ARROWS[directions[sel]]}",
-            *[f"test {metric_label(m)} {ARROWS[directions[m]]}" for m in entry["metrics"]],
+            *[f"test {metric_label(m)} {ARROWS[directions[m]]}" for m in entry.metrics],
             f"Δ{metric_label(sel)} vs best single [95% CI]", "members", "fit s", "predict ms", "registered"]
 
 
-def _table(entry: dict) -> str:
+def _table(entry: DatasetBoard) -> str:
     esc = html.escape
-    sel = entry["selection_metric"]
-    best = {("valid", sel): best_rows(entry, "valid", sel),
-            **{("test", m): best_rows(entry, "test", m) for m in entry["metrics"]}}
+    sel = entry.selection_metric
+    best = {("valid", sel): entry.best_rows("valid", sel),
+            **{("test", m): entry.best_rows("test", m) for m in entry.metrics}}
     lines = ["<table>", "<thead><tr>" + "".join(f'<th scope="col">{esc(h)}</th>' for h in table_header(entry))
              + "</tr></thead>", "<tbody>"]
-    for position, row in enumerate(entry["rows"]):
-        run = f' title="MLflow run {esc(row["mlflow_run_id"])}"' if row["mlflow_run_id"] else ""
-        cells = [f'<td class="num">{position + 1}</td>', f"<td{run}>{esc(str(row['name']))}</td>",
-                 f"<td>{esc(str(row['kind']))}</td>",
-                 _score(row, "valid", sel, position in best[("valid", sel)], title=row["valid_estimate"])]
-        cells += [_score(row, "test", m, position in best[("test", m)]) for m in entry["metrics"]]
+    for position, row in enumerate(entry.rows):
+        run = f' title="MLflow run {esc(row.mlflow_run_id)}"' if row.mlflow_run_id else ""
+        cells = [f'<td class="num">{position + 1}</td>', f"<td{run}>{esc(str(row.name))}</td>",
+                 f"<td>{esc(str(row.kind))}</td>",
+                 _score(row, "valid", sel, position in best[("valid", sel)], title=row.valid_estimate)]
+        cells += [_score(row, "test", m, position in best[("test", m)]) for m in entry.metrics]
         cells += [f'<td class="num">{_difference(row, sel)}</td>', f"<td>{_members(row)}</td>",
-                  f'<td class="num">{esc(_seconds(row["fit_seconds"]))}</td>',
-                  f'<td class="num">{esc(_seconds(row["predict_seconds"], 1000))}</td>', _registered(row)]
+                  f'<td class="num">{esc(_seconds(row.fit_seconds))}</td>',
+                  f'<td class="num">{esc(_seconds(row.predict_seconds, 1000))}</td>', _registered(row)]
         lines.append("<tr>" + "".join(cells) + "</tr>")
     lines += ["</tbody>", "</table>"]
     return "\n".join(lines)
 
 
-def _score(row: dict, split: str, metric: str, is_best: bool, title: str = "") -> str:
-    text = html.escape(rounded(metric, row[split].get(metric)))
+def _score(row: BoardRow, split: str, metric: str, is_best: bool, title: str = "") -> str:
+    text = html.escape(rounded(metric, (row.valid if split == "valid" else row.test).get(metric)))
     if is_best:
         text = f"<strong>{text}</strong>"
-    sd = seed_sd(row, split, metric)
+    sd = row.sd(split, metric)
     if sd is not None:
         text += f'<span class="sd"> ±{html.escape(rounded(metric, sd))}</span>'
     tip = f' title="{html.escape(title)}"' if title else ""
     return f'<td class="num{" best" if is_best else ""}"{tip}>{text}</td>'
 
 
-def _difference(row: dict, sel: str) -> str:
-    diff = row["test_diff"].get(sel) or {}
-    if number(diff.get("diff")) is None:
+def _difference(row: BoardRow, sel: str) -> str:
+    diff = row.diff(sel)
+    if not diff.defined:
         return MISSING
-    return (f"{html.escape(rounded(sel, diff.get('diff'), signed=True))} <span class=\"ci\">"
-            f"[{html.escape(rounded(sel, diff.get('low'), signed=True))}, "
-            f"{html.escape(rounded(sel, diff.get('high'), signed=True))}]</span>")
+    return (f"{html.escape(rounded(sel, diff.diff, signed=True))} <span class=\"ci\">"
+            f"[{html.escape(rounded(sel, diff.low, signed=True))}, "
+            f"{html.escape(rounded(sel, diff.high, signed=True))}]</span>")
 
 
-def _members(row: dict) -> str:
+def _members(row: BoardRow) -> str:
     """A row's members and weights, folded; a row that is its own one member shows none."""
-    members = row["members"]
-    if not members or (len(members) == 1 and members[0]["name"] == row["name"]):
+    members = row.members
+    if not members or (len(members) == 1 and members[0].name == row.name):
         return MISSING
-    items = "".join(f"<li>{html.escape(str(m['name']))} {m['weight']:.3f}</li>" for m in members)
+    items = "".join(f"<li>{html.escape(str(m.name))} {m.weight:.3f}</li>" for m in members)
     return f"<details><summary>{len(members)} members</summary><ol>{items}</ol></details>"
 
 
@@ -138,30 +137,30 @@ def _seconds(value, scale: float = 1.0) -> str:
     return MISSING if found is None else f"{found * scale:.3g}"
 
 
-def _registered(row: dict) -> str:
+def _registered(row: BoardRow) -> str:
     """The registry versions a row is (``name@version, ...``), shown as ``v<version>``; the full
     names in its tooltip."""
-    if not row["registered"]:
+    if not row.registered:
         return f"<td>{MISSING}</td>"
-    versions = [entry.strip() for entry in str(row["registered"]).split(",")]
+    versions = [entry.strip() for entry in str(row.registered).split(",")]
     shown = ", ".join("v" + entry.rpartition("@")[2] for entry in versions)
     return f'<td title="{html.escape(", ".join(versions))}">{html.escape(shown)}</td>'
 
 
 
-def chart_png(dataset_entry: dict) -> bytes:
+def chart_png(dataset_entry: DatasetBoard) -> bytes:
     """Horizontal bars of each row's test difference to the best single model on the selection
     metric, with the 95% interval as error bars and a zero line; rows in rank order from the top,
     rows without a difference left out. Returns the PNG bytes."""
-    sel = dataset_entry["selection_metric"]
-    direction = dataset_entry["directions"][sel]
+    sel = dataset_entry.selection_metric
+    direction = dataset_entry.directions[sel]
     points = []
-    for row in dataset_entry["rows"]:
-        diff = row["test_diff"].get(sel) or {}
-        value = number(diff.get("diff"))
+    for row in dataset_entry.rows:
+        diff = row.diff(sel)
+        value = number(diff.diff)
         if value is not None:
-            low, high = number(diff.get("low")), number(diff.get("high"))
-            label = f"{row['name']} (best single)" if row["name"] == dataset_entry["best_single"] else str(row["name"])
+            low, high = number(diff.low), number(diff.high)
+            label = f"{row.name} (best single)" if row.name == dataset_entry.best_single else str(row.name)
             points.append((label.replace("$", r"\$"), value, low, high))  # no mathtext in names
 
     plt = pyplot()
@@ -185,7 +184,7 @@ def chart_png(dataset_entry: dict) -> bytes:
         axes.axvline(0.0, color="black", linewidth=1)
         axes.set_xlabel(f"test {sel}: row minus best single model\n"
                         f"whiskers: 95% bootstrap interval; green: better, red: worse")
-        axes.set_title(f"{dataset_entry['dataset']}: test Δ{sel} vs best single ({direction} is better)"
+        axes.set_title(f"{dataset_entry.dataset}: test Δ{sel} vs best single ({direction} is better)"
                        .replace("$", r"\$"))
         figure.tight_layout()
         buffer = io.BytesIO()

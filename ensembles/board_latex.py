@@ -9,7 +9,10 @@ Acc, F1, P and R (macro), then WF1 (weighted F1). Other suites print every metri
 """
 from __future__ import annotations
 
-from msa.ensembles.board_text import best_rows, metric_label, number, rounded, seed_sd
+import dataclasses
+
+from msa.ensembles.board import BoardRow, DatasetBoard, Leaderboard
+from msa.ensembles.board_text import metric_label, number, rounded
 
 # Per suite: (column header, the metrics it prints, joined by "/").
 COLUMNS = {
@@ -29,54 +32,54 @@ def escape(text: str) -> str:
     return "".join(SPECIAL.get(character, character) for character in str(text))
 
 
-def paper_rows(entry: dict) -> list[dict]:
+def paper_rows(entry: DatasetBoard) -> list[BoardRow]:
     """The rows a paper prints: each model's first (best by valid) member row, then every
     ensemble and the seed ensemble, each part in the board's order (by valid)."""
     seen, models = set(), []
-    for row in entry["rows"]:
-        model = str(row["name"]).split("/", 1)[0]
-        if row["stack_level"] == 0 and model not in seen:
+    for row in entry.rows:
+        model = str(row.name).split("/", 1)[0]
+        if row.stack_level == 0 and model not in seen:
             seen.add(model)
             models.append(row)
-    return models + [row for row in entry["rows"] if row["stack_level"] != 0]
+    return models + [row for row in entry.rows if row.stack_level != 0]
 
 
-def row_label(row: dict) -> str:
-    if row["kind"] in ("member", "best single"):
-        seeds = (row.get("seeds") or {}).get("count")
-        return str(row["name"]).split("/", 1)[0] + (f" ({seeds} seeds)" if seeds else "")
-    if row["kind"] == "ensemble":
-        return f"stacked ensemble ({row['name']})"
-    return str(row["name"])
+def row_label(row: BoardRow) -> str:
+    if row.kind in ("member", "best single"):
+        seeds = row.seeds.count if row.seeds else None
+        return str(row.name).split("/", 1)[0] + (f" ({seeds} seeds)" if seeds else "")
+    if row.kind == "ensemble":
+        return f"stacked ensemble ({row.name})"
+    return str(row.name)
 
 
-def to_latex(board: dict) -> str:
+def to_latex(board: Leaderboard) -> str:
     """Every dataset's table, one after another."""
-    header = [f"% Leaderboard of {board['run_dir']} ({board['created']}); needs \\usepackage{{booktabs}}"]
-    return "\n".join(header + [_table(entry) for entry in board["datasets"]]) + "\n"
+    header = [f"% Leaderboard of {board.run_dir} ({board.created}); needs \\usepackage{{booktabs}}"]
+    return "\n".join(header + [_table(entry) for entry in board.datasets]) + "\n"
 
 
-def _table(entry: dict) -> str:
-    columns = COLUMNS.get(entry["metric_suite"], [(metric_label(m), (m,)) for m in entry["metrics"]])
-    columns = [(label, metrics) for label, metrics in columns if all(m in entry["metrics"] for m in metrics)]
+def _table(entry: DatasetBoard) -> str:
+    columns = COLUMNS.get(entry.metric_suite, [(metric_label(m), (m,)) for m in entry.metrics])
+    columns = [(label, metrics) for label, metrics in columns if all(m in entry.metrics for m in metrics)]
     rows = paper_rows(entry)
-    shown = {**entry, "rows": rows}
-    best = {m: best_rows(shown, "test", m) for _, metrics in columns for m in metrics}
-    direction = lambda metrics: ARROWS[entry["directions"][metrics[0]]]  # noqa: E731
+    shown = dataclasses.replace(entry, rows=rows)
+    best = {m: shown.best_rows("test", m) for _, metrics in columns for m in metrics}
+    direction = lambda metrics: ARROWS[entry.directions[metrics[0]]]  # noqa: E731
     lines = [
         r"\begin{table}[t]", r"\centering",
-        rf"\caption{{Test results on {escape(entry['dataset'])}: models (each its best trial by valid "
-        rf"{escape(metric_label(entry['selection_metric']))}) and ensembles. "
+        rf"\caption{{Test results on {escape(entry.dataset)}: models (each its best trial by valid "
+        rf"{escape(metric_label(entry.selection_metric))}) and ensembles. "
         + ("Acc-2 and F1 as has0/non0. " if any(len(metrics) > 1 for _, metrics in columns) else "")
         + r"Best in bold; mean $\pm$ sd over seeds where a model was trained with several.}",
-        rf"\label{{tab:{escape(entry['dataset']).replace(chr(92), '')}}}",
+        rf"\label{{tab:{escape(entry.dataset).replace(chr(92), '')}}}",
         r"\begin{tabular}{l" + "c" * len(columns) + "}", r"\toprule",
         "Model & " + " & ".join(f"{label} {direction(metrics)}" for label, metrics in columns) + r" \\",
         r"\midrule",
     ]
     ensembles_started = False
     for position, row in enumerate(rows):
-        if row["stack_level"] and not ensembles_started:
+        if row.stack_level and not ensembles_started:
             ensembles_started = True
             if position:
                 lines.append(r"\midrule")
@@ -86,10 +89,10 @@ def _table(entry: dict) -> str:
     return "\n".join(lines)
 
 
-def _value(row: dict, metric: str, is_best: bool) -> str:
-    value = row["test"].get(metric)
+def _value(row: BoardRow, metric: str, is_best: bool) -> str:
+    value = row.test.get(metric)
     text = rounded(metric, value).replace("−", "-") if number(value) is not None else "--"
     if is_best:
         text = rf"\textbf{{{text}}}"
-    sd = seed_sd(row, "test", metric)
+    sd = row.sd("test", metric)
     return text + (rf"$\pm${rounded(metric, sd)}" if sd is not None else "")

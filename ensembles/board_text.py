@@ -1,10 +1,13 @@
-"""What every rendering of a leaderboard document says the same way (`leaderboard.py`,
-`board_html.py`, `board_latex.py`): numbers (finite or undefined), metric names as a reader
-knows them, rounding per metric, the best value of each column, and the page's sentences."""
+"""What every rendering of a leaderboard (`board.Leaderboard`) says the same way
+(`leaderboard.py`, `board_html.py`, `board_latex.py`, `board_console.py`): numbers (finite or
+undefined), metric names as a reader knows them, rounding per metric, and the page's sentences."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # board.py reads `number` from here
+    from msa.ensembles.board import DatasetBoard, Leaderboard
 
 ARROWS = {"higher": "↑", "lower": "↓"}
 MISSING = "–"
@@ -56,39 +59,24 @@ def rounded(metric: str, value: Any, *, signed: bool = False) -> str:
     return f"{found:{'+' if signed else ''}.{decimals(metric)}f}".replace("-", "−")
 
 
-def seed_sd(row: dict, split: str, metric: str) -> float | None:
-    """The standard deviation over a seed group's seeds of `metric` on `split` (None for a row
-    without seeds)."""
-    seeds = row.get("seeds") or {}
-    return number((seeds.get(f"{split}_sd") or {}).get(metric))
+def facts(board: Leaderboard) -> list[tuple[str, Any]]:
+    """The run facts a `Leaderboard` opens with, labelled."""
+    return [("Run", board.run_dir), ("Protocol", board.protocol), ("Folds", board.folds),
+            ("Created", board.created), ("Bootstrap resamples", board.bootstrap)]
 
 
-def best_rows(entry: dict, split: str, metric: str) -> set[int]:
-    """Positions of the rows holding the best `split` value of `metric` (ties all count)."""
-    values = [number(row[split].get(metric)) for row in entry["rows"]]
-    found = [v for v in values if v is not None]
-    if not found:
-        return set()
-    best = min(found) if entry["directions"][metric] == "lower" else max(found)
-    return {i for i, v in enumerate(values) if v == best}
-
-
-def facts(board: dict) -> list[tuple[str, Any]]:
-    return [("Run", board["run_dir"]), ("Protocol", board["protocol"]), ("Folds", board["folds"]),
-            ("Created", board["created"]), ("Bootstrap resamples", board["bootstrap"])]
-
-
-def legend(board: dict) -> str:
+def legend(board: Leaderboard) -> str:
     return (f"↑ higher is better, ↓ lower is better. Δ is the row's test score minus the best single "
             f"model's on the selection metric, with its paired-bootstrap 95% interval "
-            f"({board['bootstrap']} resamples) in brackets; an interval that excludes 0 is a difference "
+            f"({board.bootstrap} resamples) in brackets; an interval that excludes 0 is a difference "
             f"the bootstrap resolves. {MISSING} marks an undefined value.")
 
 
-def intro(entry: dict) -> str:
-    sel = entry["selection_metric"]
-    direction = entry["directions"][sel]
+def intro(entry: DatasetBoard) -> str:
+    """The sentence under a `DatasetBoard`'s heading."""
+    sel = entry.selection_metric
+    direction = entry.directions[sel]
     better = "negative" if direction == "lower" else "positive"
-    return (f"Task {entry['task']} (metric suite {entry['metric_suite']}); ranked by valid {sel} "
-            f"({direction} is better); best single model: {entry['best_single']}. "
+    return (f"Task {entry.task} (metric suite {entry.metric_suite}); ranked by valid {sel} "
+            f"({direction} is better); best single model: {entry.best_single}. "
             f"A {better} Δ{sel} beats the best single model.")

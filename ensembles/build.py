@@ -30,10 +30,11 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from msa.ensembles.board import BoardRow, DatasetBoard, Interval, Leaderboard, SeedSpread
+from msa.ensembles.board import Member as BoardMember
 from msa.ensembles.config import EnsembleConfig, validate_ensemble_config
 from msa.ensembles.folds import grouped_folds
 from msa.ensembles.leaderboard import write_all
@@ -95,8 +96,8 @@ class Row:
 
 def build_ensembles(options: EnsembleConfig, *, run_dir: Path | None = None, experiment: str | None = None,
                     tracking_uri: str | None = None, out_dir: Path | None = None, datasets: DatasetCache | None = None,
-                    export: Path | None = None) -> dict[str, Any]:
-    """Build every dataset's ensembles and leaderboard; returns the leaderboard document.
+                    export: Path | None = None) -> Leaderboard:
+    """Build every dataset's ensembles and leaderboard; returns the leaderboard.
 
     Members come from `run_dir` (a sweep run directory) or from MLflow `experiment` at
     `tracking_uri`. Tracking goes to `tracking_uri`, else the sweep's configured server, else the
@@ -130,12 +131,12 @@ def build_ensembles(options: EnsembleConfig, *, run_dir: Path | None = None, exp
         experiment_name = experiment or run_dir.name
         experiment_number = experiment_id(mlflow_client, experiment_name)
         entries = [_build_dataset(name, members[name], options, out_dir / name, datasets) for name in sorted(members)]
-        board = {
-            "run_dir": str(run_dir) if run_dir is not None else f"{uri} experiment {experiment_name}",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "protocol": options.protocol, "folds": options.folds, "bootstrap": options.bootstrap,
-            "datasets": [entry for entry, _ in entries],
-        }
+        board = Leaderboard(
+            run_dir=str(run_dir) if run_dir is not None else f"{uri} experiment {experiment_name}",
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            protocol=options.protocol, folds=options.folds, bootstrap=options.bootstrap,
+            datasets=[entry for entry, _ in entries],
+        )
         _track(mlflow_client, uri, experiment_number, options, board, entries, [out_dir, *([export] if export else [])])
     return board
 
@@ -154,7 +155,7 @@ def _sweep_tracking_uri(run_dir: Path) -> str:
 
 
 def _build_dataset(name: str, members: list[Member], options: EnsembleConfig, folder: Path,
-                   datasets: DatasetCache) -> tuple[dict[str, Any], list[Row]]:
+                   datasets: DatasetCache) -> tuple[DatasetBoard, list[Row]]:
     """One dataset's rows, ranked, as the leaderboard entry; the rows are returned for tracking."""
     best = members[0]  # members come ranked by valid score, across models
     config = training_config(best.candidate.folder)  # a seed group's first seed's
@@ -266,8 +267,8 @@ def _out_of_fold(learners, members: list[Member], dataset, valid: PredictionMatr
 
 
 def _entry(name: str, dataset, metric: str, rows: list[Row], valid: PredictionMatrix, test: PredictionMatrix,
-           options: EnsembleConfig) -> dict[str, Any]:
-    """The leaderboard entry of one dataset: rows ranked by the valid selection metric."""
+           options: EnsembleConfig) -> DatasetBoard:
+    """The leaderboard section of one dataset: rows ranked by the valid selection metric."""
     suite = dataset.metric_suite
     best = next(row for row in rows if row.kind == "best single")
     bootstrap = PairedBootstrap(suite, test.labels, best.test_prediction, resamples=options.bootstrap, seed=options.seed)
@@ -285,21 +286,20 @@ def _entry(name: str, dataset, metric: str, rows: list[Row], valid: PredictionMa
         if row.seed_scores:  # mean +- sd over the seeds; Δ still compares predictions (the seed mean's)
             stats = {split: _seed_stats(row.seed_scores, split) for split in ("valid", "test")}
             test_scores = {m: value for m, (value, _) in stats["test"].items()}
-            seeds = {"count": len(row.seed_scores), "valid_sd": {metric: stats["valid"][metric][1]},
-                     "test_sd": {m: sd for m, (_, sd) in stats["test"].items()}}
-        out_rows.append({
-            "name": row.name, "kind": row.kind, "stack_level": row.stack_level,
-            "valid": finite_metrics({metric: valid_score}), "valid_estimate": row.valid_estimate,
-            "test": finite_metrics(test_scores),
-            "test_diff": bootstrap.compare(row.test_prediction),
-            "members": [{"name": member, "weight": weight} for member, weight in row.members],
-            "fit_seconds": row.fit_seconds, "predict_seconds": row.predict_seconds,
-            "mlflow_run_id": row.mlflow_run_id, "registered": row.registered, "seeds": seeds,
-        })
-    return {"dataset": name, "metric_suite": suite, "task": dataset.task, "selection_metric": metric,
-            "metrics": list(SUITE_METRICS[suite]),
-            "directions": {m: direction(m) for m in SUITE_METRICS[suite]},
-            "best_single": best.name, "rows": out_rows}
+            seeds = SeedSpread(count=len(row.seed_scores), valid_sd={metric: stats["valid"][metric][1]},
+                               test_sd={m: sd for m, (_, sd) in stats["test"].items()})
+        out_rows.append(BoardRow(
+            name=row.name, kind=row.kind, stack_level=row.stack_level,
+            valid=finite_metrics({metric: valid_score}), valid_estimate=row.valid_estimate,
+            test=finite_metrics(test_scores),
+            test_diff={m: Interval(**diff) for m, diff in bootstrap.compare(row.test_prediction).items()},
+            members=[BoardMember(name=member, weight=weight) for member, weight in row.members],
+            fit_seconds=row.fit_seconds, predict_seconds=row.predict_seconds,
+            mlflow_run_id=row.mlflow_run_id, registered=row.registered, seeds=seeds,
+        ))
+    return DatasetBoard(dataset=name, metric_suite=suite, task=dataset.task, selection_metric=metric,
+                        metrics=list(SUITE_METRICS[suite]), directions={m: direction(m) for m in SUITE_METRICS[suite]},
+                        best_single=best.name, rows=out_rows)
 
 
 def _seed_stats(seed_scores: list[dict[str, dict]], split: str) -> dict[str, tuple[float, float]]:
@@ -311,8 +311,8 @@ def _seed_stats(seed_scores: list[dict[str, dict]], split: str) -> dict[str, tup
     return stats
 
 
-def _track(mlflow_client, uri: str, experiment_id: str, options: EnsembleConfig, board: dict[str, Any],
-           entries: list[tuple[dict[str, Any], list[Row]]], folders: list[Path]) -> None:
+def _track(mlflow_client, uri: str, experiment_id: str, options: EnsembleConfig, board: Leaderboard,
+           entries: list[tuple[DatasetBoard, list[Row]]], folders: list[Path]) -> None:
     """Runs, metrics, combiners, the registered best ensemble, then the leaderboard files (written
     and logged last, so they hold the run ids and registry versions) into each of `folders`; the
     first also receives the combiners."""
@@ -321,24 +321,24 @@ def _track(mlflow_client, uri: str, experiment_id: str, options: EnsembleConfig,
     parent = mlflow_client.create_run(experiment_id, run_name=ROLE, tags=tags).info.run_id
     status = "FAILED"
     try:
-        log_params(mlflow_client, parent, flatten({**to_plain(options), "source": board["run_dir"]}))
+        log_params(mlflow_client, parent, flatten({**to_plain(options), "source": board.run_dir}))
         trial_runs = {(run.data.tags.get("model"), run.data.tags.get(TRIAL_TAG)): run.info.run_id
                       for run in find_runs(mlflow_client, experiment_id, {ROLE_TAG: "trial"}, max_results=10000)}
         for entry, rows in entries:
-            dataset = entry["dataset"]
+            dataset = entry.dataset
             child = mlflow_client.create_run(experiment_id, run_name=f"{ROLE}-{dataset}", tags={
                 **tags, ROLE_TAG: "ensemble", "dataset": dataset, "mlflow.parentRunId": parent}).info.run_id
             by_name = {row.name: row for row in rows}
-            for row in entry["rows"]:
-                if row["kind"] in ("member", "best single"):
-                    row["mlflow_run_id"] = row["mlflow_run_id"] or trial_runs.get(tuple(row["name"].split("/", 1)), "")
-                    row["registered"] = _registered_as(mlflow_client, row["mlflow_run_id"])
+            for row in entry.rows:
+                if row.kind in ("member", "best single"):
+                    row.mlflow_run_id = row.mlflow_run_id or trial_runs.get(tuple(row.name.split("/", 1)), "")
+                    row.registered = _registered_as(mlflow_client, row.mlflow_run_id)
                 else:
-                    row["mlflow_run_id"] = child
-                key = _metric_key(row["name"])
+                    row.mlflow_run_id = child
+                key = _metric_key(row.name)
                 log_metrics(mlflow_client, child, {
-                    **{f"{key}.valid_{m}": v for m, v in row["valid"].items()},
-                    **{f"{key}.test_{m}": v for m, v in row["test"].items()}})
+                    **{f"{key}.valid_{m}": v for m, v in row.valid.items()},
+                    **{f"{key}.test_{m}": v for m, v in row.test.items()}})
             folder = out_dir / dataset
             folder.mkdir(parents=True, exist_ok=True)
             combiners = {row.name: {"combiner": row.combiner, "members": row.members,
@@ -369,21 +369,21 @@ def _registered_as(mlflow_client, run_id: str) -> str:
     return ", ".join(f"{v.name}@{v.version}" for v in sorted(versions, key=lambda v: (v.name, int(v.version))))
 
 
-def _register_best(uri: str, run_id: str, entry: dict[str, Any], rows: dict[str, Row], board: dict[str, Any]) -> None:
+def _register_best(uri: str, run_id: str, entry: DatasetBoard, rows: dict[str, Row], board: Leaderboard) -> None:
     """Register the best stacked ensemble by its cross-fitted valid score as ``msa-ensemble-<dataset>``
     (the seed ensemble is the baseline it is measured against, not a candidate)."""
-    best = next(row for row in entry["rows"] if row["kind"] == "ensemble")
-    row = rows[best["name"]]
-    metric = entry["selection_metric"]
-    name = f"msa-ensemble-{entry['dataset']}"
+    best = next(row for row in entry.rows if row.kind == "ensemble")
+    row = rows[best.name]
+    metric = entry.selection_metric
+    name = f"msa-ensemble-{entry.dataset}"
     fingerprint = Checkpoint(row.groups[0][0]).metrics.get("dataset_fingerprint") or ""
-    registered = register_ensemble(uri, run_id, name, row.groups, row.combiner, entry["task"], tags={
-        "msa.run_id": run_id, "msa.sweep": Path(board["run_dir"]).name, "ensemble": best["name"], "kind": best["kind"],
-        "protocol": board["protocol"], "selection_metric": metric, "dataset_fingerprint": fingerprint,
+    registered = register_ensemble(uri, run_id, name, row.groups, row.combiner, entry.task, tags={
+        "msa.run_id": run_id, "msa.sweep": Path(board.run_dir).name, "ensemble": best.name, "kind": best.kind,
+        "protocol": board.protocol, "selection_metric": metric, "dataset_fingerprint": fingerprint,
         "members": ", ".join(f"{m}:{w:.4f}" for m, w in row.members),
-        **{f"valid_{m}": str(v) for m, v in best["valid"].items()},
-        **{f"test_{m}": str(v) for m, v in best["test"].items()},
+        **{f"valid_{m}": str(v) for m, v in best.valid.items()},
+        **{f"test_{m}": str(v) for m, v in best.test.items()},
     })
-    best["registered"] = f"{name}@{registered.version}"
-    print(f"[{entry['dataset']}] registered {name} version {registered.version} ({registered.alias or 'no alias'}: "
-          f"{registered.reason}): {best['name']}", flush=True)
+    best.registered = f"{name}@{registered.version}"
+    print(f"[{entry.dataset}] registered {name} version {registered.version} ({registered.alias or 'no alias'}: "
+          f"{registered.reason}): {best.name}", flush=True)

@@ -1,24 +1,16 @@
-"""The leaderboard export: one document, five renderings (CSV, Markdown and JSON at full
-precision here; the HTML page a person reads, `board_html.py`; LaTeX tables for a paper,
-`board_latex.py`).
-
-The document is a plain JSON-serialisable dict built by the ensemble job (see ``ensembles/README.md``):
-run facts at the top (``run_dir``, ``created``, ``protocol``, ``folds``, ``bootstrap``) and one entry
-per dataset with its metric suite, the selection metric, every metric's direction (``"higher"`` or
-``"lower"`` is better), the best single model and the rows. The rows arrive ranked by the valid
-selection metric and keep that order (rank = position, from 1); test is only reported, never used to
-order anything. Each row carries its test metrics and, per metric, the difference to the best single
-model on test with a paired-bootstrap 95% interval (``test_diff``). A seed group's row has
-``seeds``: its seed count and each metric's standard deviation over the seeds (``valid_sd``,
-``test_sd``; its ``valid`` and ``test`` are then the seed means); other rows have none.
+"""The leaderboard export: one record (`board.Leaderboard`), five renderings (CSV, Markdown and
+JSON here; the HTML page a person reads, `board_html.py`; LaTeX tables for a paper,
+`board_latex.py`). The JSON is the record's file form and the source the others are rendered
+from (`msa leaderboard`).
 
 Undefined values (``None``, and NaN or infinite floats) are ``null`` in JSON, an empty cell in CSV
 and ``–`` in Markdown and HTML. Every metric header names its direction: ``(higher is better)`` /
-``(lower is better)`` in CSV, ``↑`` / ``↓`` in Markdown and HTML.
+``(lower is better)`` in CSV, ``↑`` / ``↓`` in Markdown and HTML. JSON keeps every number at full
+precision; CSV, Markdown and HTML round each metric as it is read.
 
 Example:
-    >>> board = {"run_dir": "/runs/demo", "created": "2026-11-25T19:00:00Z", "protocol": "crossfit",
-    ...          "folds": 5, "bootstrap": 1000, "datasets": []}
+    >>> board = Leaderboard(run_dir="/runs/demo", created="2026-11-25T19:00:00Z", protocol="crossfit",
+    ...                     folds=5, bootstrap=1000)
     >>> render(board, "md").splitlines()[0]
     '# Leaderboard'
 """
@@ -26,10 +18,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
+from msa.ensembles.board import BoardRow, DatasetBoard, Leaderboard
 from msa.ensembles.board_html import to_html
 from msa.ensembles.board_latex import to_latex
 from msa.ensembles.board_text import (
@@ -42,22 +34,14 @@ from msa.ensembles.board_text import (
     legend,
     number,
     rounded,
-    seed_sd,
     unique,
 )
 from msa.platform.core.errors import MsaError
-from msa.platform.core.files import atomic_write, finite_or_none
+from msa.platform.core.files import atomic_write
 from msa.platform.core.run_dir import RunDir
 
 FORMATS = ("csv", "md", "json", "html", "latex")
 SUFFIXES = {"csv": ".csv", "md": ".md", "json": ".json", "html": ".html", "latex": ".tex"}
-DIRECTIONS = ("higher", "lower")
-
-BOARD_KEYS = ("run_dir", "created", "protocol", "folds", "bootstrap", "datasets")
-DATASET_KEYS = ("dataset", "metric_suite", "task", "selection_metric", "metrics", "directions", "best_single",
-                "rows")
-ROW_KEYS = ("name", "kind", "stack_level", "valid", "valid_estimate", "test", "test_diff", "members",
-            "fit_seconds", "predict_seconds", "mlflow_run_id", "registered")
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,7 +49,7 @@ ROW_KEYS = ("name", "kind", "stack_level", "valid", "valid_estimate", "test", "t
 # --------------------------------------------------------------------------------------------
 
 
-def render(board: dict, fmt: str) -> str:
+def render(board: Leaderboard, fmt: str) -> str:
     """The leaderboard in one of `FORMATS`.
 
     Raises:
@@ -77,7 +61,7 @@ def render(board: dict, fmt: str) -> str:
     return renderers[fmt](board)
 
 
-def write_all(board: dict, *folders: Path, stem: str = "leaderboard") -> list[dict[str, Path]]:
+def write_all(board: Leaderboard, *folders: Path, stem: str = "leaderboard") -> list[dict[str, Path]]:
     """Write ``<stem>.csv``, ``.md``, ``.json``, ``.html`` and ``.tex`` into each of `folders`, each atomically.
 
     Every format is rendered once, before the first file is written, so a rendering error
@@ -94,38 +78,17 @@ def write_all(board: dict, *folders: Path, stem: str = "leaderboard") -> list[di
     return written
 
 
-def read_board(path: Path) -> dict:
-    """Read a ``leaderboard.json`` written by `write_all` (or `to_json`) back into the document.
-
-    Raises:
-        MsaError: the file is missing or unreadable, is not JSON, or lacks a key of the document.
-    """
-    path = Path(path)
-    try:
-        board = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MsaError(f"leaderboard file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise MsaError(f"cannot read leaderboard {path}: {_one_line(error)}") from None
-    except json.JSONDecodeError as error:
-        raise MsaError(f"leaderboard {path} is not valid JSON: {_one_line(error)}") from None
-    problem = _check_board(board)
-    if problem:
-        raise MsaError(f"leaderboard {path} is not a leaderboard document: {problem}")
-    return board
-
-
 # --------------------------------------------------------------------------------------------
 # JSON and CSV
 # --------------------------------------------------------------------------------------------
 
 
-def to_json(board: dict) -> str:
+def to_json(board: Leaderboard) -> str:
     """The document itself, indented by 2; NaN and infinite floats become ``null``."""
-    return json.dumps(finite_or_none(board), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return board.to_json()
 
 
-def to_csv(board: dict) -> str:
+def to_csv(board: Leaderboard) -> str:
     """One row per (dataset, row), in rank order.
 
     Columns: ``dataset``, ``rank``, ``name``, ``kind``, ``stack_level``, ``valid_<sel> (<dir> is
@@ -142,10 +105,10 @@ def to_csv(board: dict) -> str:
     metric is read (accuracies and F1, in percent, to 1 decimal; MAE and Corr to 3), seconds to
     2 decimals; ``leaderboard.json`` keeps full precision.
     """
-    datasets = board["datasets"]
-    valid_columns = unique((d["selection_metric"], d["directions"][d["selection_metric"]]) for d in datasets)
-    test_columns = unique((m, d["directions"][m]) for d in datasets for m in d["metrics"])
-    diff_metrics = unique(m for d in datasets for m in d["metrics"])
+    datasets = board.datasets
+    valid_columns = unique((d.selection_metric, d.directions[d.selection_metric]) for d in datasets)
+    test_columns = unique((m, d.directions[m]) for d in datasets for m in d.metrics)
+    diff_metrics = unique(m for d in datasets for m in d.metrics)
     header = ["dataset", "rank", "name", "kind", "stack_level"]
     header += [_csv_metric("valid", m, direction) for m, direction in valid_columns]
     header += ["valid_estimate"]
@@ -158,26 +121,26 @@ def to_csv(board: dict) -> str:
     writer = csv.DictWriter(out, fieldnames=header, restval="")
     writer.writeheader()
     for entry in datasets:
-        sel, directions = entry["selection_metric"], entry["directions"]
-        for rank, row in enumerate(entry["rows"], start=1):
+        sel, directions = entry.selection_metric, entry.directions
+        for rank, row in enumerate(entry.rows, start=1):
             record: dict[str, str] = {
-                "dataset": entry["dataset"], "rank": str(rank), "name": row["name"], "kind": row["kind"],
-                "stack_level": _csv_value(row["stack_level"]),
-                _csv_metric("valid", sel, directions[sel]): _csv_value(row["valid"].get(sel), decimals(sel)),
-                "valid_estimate": row["valid_estimate"],
-                "members": "; ".join(f"{m['name']}:{m['weight']:.4f}" for m in row["members"]),
-                "fit_seconds": _csv_value(row["fit_seconds"], 2),
-                "predict_seconds": _csv_value(row["predict_seconds"], 2),
-                "mlflow_run_id": row["mlflow_run_id"] or "", "registered": row["registered"] or "",
-                "seeds": _csv_value((row.get("seeds") or {}).get("count")),
-                f"sd_valid_{sel}": _csv_value(seed_sd(row, "valid", sel), decimals(sel)),
+                "dataset": entry.dataset, "rank": str(rank), "name": row.name, "kind": row.kind,
+                "stack_level": _csv_value(row.stack_level),
+                _csv_metric("valid", sel, directions[sel]): _csv_value(row.valid.get(sel), decimals(sel)),
+                "valid_estimate": row.valid_estimate,
+                "members": "; ".join(f"{m.name}:{m.weight:.4f}" for m in row.members),
+                "fit_seconds": _csv_value(row.fit_seconds, 2),
+                "predict_seconds": _csv_value(row.predict_seconds, 2),
+                "mlflow_run_id": row.mlflow_run_id or "", "registered": row.registered or "",
+                "seeds": _csv_value(row.seeds.count if row.seeds else None),
+                f"sd_valid_{sel}": _csv_value(row.sd("valid", sel), decimals(sel)),
             }
-            for m in entry["metrics"]:
-                record[f"sd_test_{m}"] = _csv_value(seed_sd(row, "test", m), decimals(m))
-                record[_csv_metric("test", m, directions[m])] = _csv_value(row["test"].get(m), decimals(m))
-                diff = row["test_diff"].get(m) or {}
-                for part, key in (("", "diff"), ("_low", "low"), ("_high", "high")):
-                    record[f"diff_{m}{part}"] = _csv_value(diff.get(key), decimals(m))
+            for m in entry.metrics:
+                record[f"sd_test_{m}"] = _csv_value(row.sd("test", m), decimals(m))
+                record[_csv_metric("test", m, directions[m])] = _csv_value(row.test.get(m), decimals(m))
+                diff = row.diff(m)
+                for part, value in (("", diff.diff), ("_low", diff.low), ("_high", diff.high)):
+                    record[f"diff_{m}{part}"] = _csv_value(value, decimals(m))
             writer.writerow(record)
     return out.getvalue()
 
@@ -199,16 +162,16 @@ def _csv_value(value: Any, places: int | None = None) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def to_markdown(board: dict) -> str:
+def to_markdown(board: Leaderboard) -> str:
     """A header (run, protocol, folds, created, bootstrap), the ranking sentence, a legend, then per
     dataset a ``## <dataset>`` section with one table. Metrics rounded as the HTML rounds them
     (a seed group's followed by `` ± <sd>``), seconds to 2 decimals, undefined as ``–``."""
     lines = ["# Leaderboard", ""]
     lines += [f"- {label}: {value}" for label, value in facts(board)]
     lines += ["", RANKING_SENTENCE, "", legend(board)]
-    for entry in board["datasets"]:
+    for entry in board.datasets:
         header, rows, numeric = _table(entry)
-        lines += ["", f"## {_md_cell(entry['dataset'])}", "", intro(entry), ""]
+        lines += ["", f"## {_md_cell(entry.dataset)}", "", intro(entry), ""]
         lines.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
         lines.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
         lines += ["| " + " | ".join(_md_cell(c if isinstance(c, str) else "; ".join(c)) for c in row) + " |"
@@ -216,33 +179,34 @@ def to_markdown(board: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _table(entry: dict) -> tuple[list[str], list[list[str | tuple[str, ...]]], list[bool]]:
+def _table(entry: DatasetBoard) -> tuple[list[str], list[list[str | tuple[str, ...]]], list[bool]]:
     """The header, the cells and which columns hold numbers, for one dataset's Markdown table. A
     cell of several lines (the members) is a tuple, joined with ``; ``."""
-    sel, directions = entry["selection_metric"], entry["directions"]
+    sel, directions = entry.selection_metric, entry.directions
     header = ["rank", "name", "kind", "level", f"valid {sel} {ARROWS[directions[sel]]}", "valid estimate"]
-    header += [f"test {m} {ARROWS[directions[m]]}" for m in entry["metrics"]]
+    header += [f"test {m} {ARROWS[directions[m]]}" for m in entry.metrics]
     header += [f"Δ{sel} vs best single [95% CI]", "members", "fit s", "predict s", "MLflow run", "registered"]
     rows = []
-    for rank, row in enumerate(entry["rows"], start=1):
-        diff = row["test_diff"].get(sel) or {}
-        cells = [str(rank), str(row["name"]), str(row["kind"]), str(row["stack_level"]),
-                 _with_sd(row, "valid", sel), str(row["valid_estimate"] or MISSING)]
-        cells += [_with_sd(row, "test", m) for m in entry["metrics"]]
-        cells.append(MISSING if number(diff.get("diff")) is None else
-                     f"{rounded(sel, diff.get('diff'), signed=True)} "
-                     f"[{rounded(sel, diff.get('low'), signed=True)}, {rounded(sel, diff.get('high'), signed=True)}]")
-        cells.append(tuple(f"{m['name']} {m['weight']:.4f}" for m in row["members"]) or MISSING)
-        cells += [_seconds(row["fit_seconds"]), _seconds(row["predict_seconds"]),
-                  row["mlflow_run_id"] or MISSING, row["registered"] or MISSING]
+    for rank, row in enumerate(entry.rows, start=1):
+        diff = row.diff(sel)
+        cells = [str(rank), str(row.name), str(row.kind), str(row.stack_level),
+                 _with_sd(row, "valid", sel), str(row.valid_estimate or MISSING)]
+        cells += [_with_sd(row, "test", m) for m in entry.metrics]
+        cells.append(MISSING if not diff.defined else
+                     f"{rounded(sel, diff.diff, signed=True)} "
+                     f"[{rounded(sel, diff.low, signed=True)}, {rounded(sel, diff.high, signed=True)}]")
+        cells.append(tuple(f"{m.name} {m.weight:.4f}" for m in row.members) or MISSING)
+        cells += [_seconds(row.fit_seconds), _seconds(row.predict_seconds),
+                  row.mlflow_run_id or MISSING, row.registered or MISSING]
         rows.append(cells)
     numeric = [h not in ("name", "kind", "valid estimate", "members", "MLflow run", "registered") for h in header]
     return header, rows, numeric
 
 
-def _with_sd(row: dict, split: str, metric: str) -> str:
-    sd = seed_sd(row, split, metric)
-    return rounded(metric, row[split].get(metric)) + ("" if sd is None else f" ± {rounded(metric, sd)}")
+def _with_sd(row: BoardRow, split: str, metric: str) -> str:
+    sd = row.sd(split, metric)
+    value = (row.valid if split == "valid" else row.test).get(metric)
+    return rounded(metric, value) + ("" if sd is None else f" ± {rounded(metric, sd)}")
 
 
 def _md_cell(text: str) -> str:
@@ -255,50 +219,8 @@ def _seconds(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers
+# msa leaderboard
 # --------------------------------------------------------------------------------------------
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
-def _check_board(board: Any) -> str:
-    """What is wrong with a leaderboard document read from a file ('' when nothing is)."""
-    if not isinstance(board, dict):
-        return f"expected a JSON object, got {type(board).__name__}"
-    missing = [k for k in BOARD_KEYS if k not in board]
-    if missing:
-        return f"missing {', '.join(missing)}"
-    if not isinstance(board["datasets"], list):
-        return "'datasets' is not a list"
-    for d, entry in enumerate(board["datasets"]):
-        where = f"datasets[{d}]"
-        if not isinstance(entry, dict):
-            return f"{where} is not an object"
-        missing = [k for k in DATASET_KEYS if k not in entry]
-        if missing:
-            return f"{where} is missing {', '.join(missing)}"
-        metrics, directions = entry["metrics"], entry["directions"]
-        if not isinstance(metrics, list) or not isinstance(directions, dict) or not isinstance(entry["rows"], list):
-            return f"{where}: 'metrics' and 'rows' must be lists and 'directions' an object"
-        for m in [*metrics, entry["selection_metric"]]:
-            if directions.get(m) not in DIRECTIONS:
-                return f"{where}: directions[{m!r}] must be one of {', '.join(DIRECTIONS)}"
-        for r, row in enumerate(entry["rows"]):
-            if not isinstance(row, dict):
-                return f"{where}.rows[{r}] is not an object"
-            missing = [k for k in ROW_KEYS if k not in row]
-            if missing:
-                return f"{where}.rows[{r}] is missing {', '.join(missing)}"
-            for key in ("valid", "test", "test_diff"):
-                if not isinstance(row[key], dict):
-                    return f"{where}.rows[{r}].{key} is not an object"
-            if not isinstance(row["members"], list) or not all(
-                    isinstance(m, dict) and "name" in m and number(m.get("weight")) is not None
-                    for m in row["members"]):
-                return f"{where}.rows[{r}].members must be a list of {{name, weight}}"
-    return ""
 
 
 def export_board(source: Path, fmt: str, out: Path | None) -> str | None:
@@ -315,7 +237,7 @@ def export_board(source: Path, fmt: str, out: Path | None) -> str | None:
         path = (ensembles if ensembles.is_dir() else path) / f"leaderboard{SUFFIXES['json']}"
     if not path.is_file():
         raise MsaError(f"no leaderboard at {path}; run msa ensemble RUN_DIR first")
-    text = render(read_board(path), fmt)
+    text = render(Leaderboard.read(path), fmt)
     if out is None:
         return text
     if not Path(out).parent.is_dir():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from msa.ensembles.board_console import to_console
 from msa.ensembles.build import build_ensembles
 from msa.ensembles.config import EnsembleConfig, ensemble_config
 from msa.ensembles.members import DatasetCache
@@ -204,7 +205,7 @@ def ensemble(args: argparse.Namespace) -> None:
     out = Path(args.out).resolve() if args.out else None
     board = build_ensembles(ensemble_options(args, run_dir), run_dir=run_dir, experiment=args.experiment,
                             tracking_uri=args.tracking_uri, out_dir=out)
-    print_board(board, out or RunDir(run_dir).ensembles_dir)
+    print(to_console(board, out or RunDir(run_dir).ensembles_dir))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -225,26 +226,7 @@ def run(args: argparse.Namespace) -> None:
         datasets = DatasetCache(list(session.datasets.values()))
         board = build_ensembles(options, run_dir=result.run_dir.root, tracking_uri=session.tracking_uri,
                                 datasets=datasets, export=export)
-    print_board(board, export or result.run_dir.ensembles_dir)
-
-
-def print_board(board: dict, folder: Path) -> None:
-    """A compact leaderboard per dataset; the full one is in the written files."""
-    for entry in board["datasets"]:
-        metric = entry["selection_metric"]
-        print(f"\n[{entry['dataset']}] ranked by valid {metric} ({entry['directions'][metric]} is better); "
-              f"test difference vs best single with paired bootstrap 95% interval")
-        print(f"{'#':>3}  {'name':<34}{'kind':<15}{'valid':>9}{'test':>9}  {'test diff [95% CI]':<28}registered")
-        for rank, row in enumerate(entry["rows"], 1):
-            diff = row["test_diff"][metric]
-            interval = "-" if diff["diff"] is None else f"{diff['diff']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}]"
-            print(f"{rank:>3}  {row['name']:<34}{row['kind']:<15}{_number(row['valid'][metric]):>9}"
-                  f"{_number(row['test'][metric]):>9}  {interval:<28}{row['registered']}")
-    print(f"\nleaderboard: {folder}/leaderboard.{{csv,md,json,html,tex}}")
-
-
-def _number(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    print(to_console(board, export or result.run_dir.ensembles_dir))
 
 
 def mlflow(args: argparse.Namespace) -> None:

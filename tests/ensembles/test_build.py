@@ -18,6 +18,8 @@ import yaml
 from clean_env import check_serves_like_msa_predict
 from helpers import sweep_yaml
 
+from msa.ensembles.board import Leaderboard
+from msa.ensembles.leaderboard import render
 from msa.ensembles.members import DatasetCache, load_member, sweep_candidates
 from msa.ensembles.retrain import retrain
 from msa.platform.cli import main
@@ -39,6 +41,18 @@ def run_dir(reference_sweep) -> Path:
 def board(run_dir) -> dict:
     assert main(["ensemble", str(run_dir), "--top-k", "2", *FAST]) == 0
     return json.loads((run_dir / "ensembles" / "leaderboard.json").read_text())
+
+
+def test_the_built_leaderboard_json_reads_back_as_a_record_that_writes_it_identically(board, run_dir):
+    """`msa ensemble` wrote leaderboard.json from the typed record; read back, the record gives the
+    same file, key by key and byte for byte (and so every format rendered from it)."""
+    path = run_dir / "ensembles" / "leaderboard.json"
+    record = Leaderboard.read(path)
+    assert record.to_json().encode("utf-8") == path.read_bytes()
+    assert [section.dataset for section in record.datasets] == [entry["dataset"] for entry in board["datasets"]]
+    folder = run_dir / "ensembles"
+    for fmt, suffix in (("csv", ".csv"), ("md", ".md"), ("html", ".html"), ("latex", ".tex")):
+        assert render(record, fmt).encode("utf-8") == (folder / f"leaderboard{suffix}").read_bytes(), fmt  # CSV: \r\n
 
 
 def entry_of(board: dict, dataset: str) -> dict:

@@ -12,6 +12,7 @@ blank. The Chromium tests skip, saying why, where /usr/bin/chromium is absent. N
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import html
 import io
@@ -30,13 +31,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from msa.ensembles.board import Leaderboard, Member
 from msa.ensembles.board_html import chart_png, table_header
 from msa.ensembles.board_latex import paper_rows, to_latex
 from msa.ensembles.board_text import metric_label, rounded
 from msa.ensembles.leaderboard import (
     FORMATS,
     RANKING_SENTENCE,
-    read_board,
     render,
     to_csv,
     to_html,
@@ -144,7 +145,12 @@ def make_board() -> dict:
 
 @pytest.fixture(scope="module")
 def board() -> dict:
+    """The document as JSON holds it: what the tests expect; `typed(board)` is what the renderers read."""
     return make_board()
+
+
+def typed(document: dict) -> Leaderboard:
+    return Leaderboard.from_dict(document)
 
 
 def defined(value):
@@ -219,10 +225,10 @@ def markdown_tables(text: str) -> dict[str, tuple[list[str], list[list[str]]]]:
 
 
 def test_csv_json_markdown_hold_the_same_numbers(board):
-    csv_rows = list(csv.DictReader(io.StringIO(to_csv(board))))
+    csv_rows = list(csv.DictReader(io.StringIO(to_csv(typed(board)))))
     csv_header = list(csv_rows[0].keys())
-    parsed = json.loads(to_json(board))
-    md = markdown_tables(to_markdown(board))
+    parsed = json.loads(to_json(typed(board)))
+    md = markdown_tables(to_markdown(typed(board)))
 
     assert [(r["dataset"], r["rank"], r["name"]) for r in csv_rows] == [
         (e["dataset"], str(rank), row["name"]) for e, rank, row in each_row(board)]
@@ -277,12 +283,12 @@ def test_csv_json_markdown_hold_the_same_numbers(board):
 
 
 def test_csv_numbers_are_rounded_per_metric_and_lacking_metrics_are_empty(board):
-    rows = list(csv.DictReader(io.StringIO(to_csv(board))))
+    rows = list(csv.DictReader(io.StringIO(to_csv(typed(board)))))
     caruana = rows[0]
     row = board["datasets"][0]["rows"][0]
     assert caruana["test_mae (lower is better)"] == f"{row['test']['mae']:.3f}"
     assert caruana["test_acc2_has0 (higher is better)"] == f"{row['test']['acc2_has0']:.1f}"
-    assert json.loads(to_json(board))["datasets"][0]["rows"][0]["test"]["mae"] == row["test"]["mae"]  # JSON: full
+    assert json.loads(to_json(typed(board)))["datasets"][0]["rows"][0]["test"]["mae"] == row["test"]["mae"]  # JSON: full
     # the union of columns: a classification row has no MOSI metric and vice versa
     classification = rows[-1]
     assert classification["dataset"] == "synth_classification"
@@ -292,10 +298,10 @@ def test_csv_numbers_are_rounded_per_metric_and_lacking_metrics_are_empty(board)
 
 
 def test_members_mlflow_and_registered_agree(board):
-    csv_rows = list(csv.DictReader(io.StringIO(to_csv(board))))
-    parsed = json.loads(to_json(board))
+    csv_rows = list(csv.DictReader(io.StringIO(to_csv(typed(board)))))
+    parsed = json.loads(to_json(typed(board)))
     json_rows = [row for d in parsed["datasets"] for row in d["rows"]]
-    md = markdown_tables(to_markdown(board))
+    md = markdown_tables(to_markdown(typed(board)))
     for (entry, rank, row), csv_row, json_row in zip(each_row(board), csv_rows, json_rows, strict=True):
         header, md_rows = md[entry["dataset"]]
         md_row = dict(zip(header, md_rows[rank - 1]))
@@ -323,7 +329,7 @@ def test_members_mlflow_and_registered_agree(board):
 
 
 def test_every_csv_metric_header_names_its_direction(board):
-    header = next(csv.reader(io.StringIO(to_csv(board))))
+    header = next(csv.reader(io.StringIO(to_csv(typed(board)))))
     directions = {}
     for entry in board["datasets"]:
         directions.update(entry["directions"])
@@ -340,7 +346,7 @@ def test_every_csv_metric_header_names_its_direction(board):
 
 
 def test_markdown_headers_carry_arrows_and_the_page_explains_them(board):
-    text = to_markdown(board)
+    text = to_markdown(typed(board))
     tables = markdown_tables(text)
     for entry in board["datasets"]:
         header, _ = tables[entry["dataset"]]
@@ -365,14 +371,14 @@ def test_markdown_headers_carry_arrows_and_the_page_explains_them(board):
 
 
 def test_json_writes_nan_as_null_and_is_strict_json(board):
-    text = to_json(board)
+    text = to_json(typed(board))
     assert "NaN" not in text and "Infinity" not in text
     parsed = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     nnls = parsed["datasets"][0]["rows"][3]
     assert nnls["name"] == "nnls" and nnls["test"]["corr"] is None
     assert text.startswith('{\n  "run_dir"')
     # numpy scalars (what a meta-learner hands back) are written as plain numbers
-    numpy_board = json.loads(to_json({**board, "folds": np.int64(5), "bootstrap": np.float32(1000.0)}))
+    numpy_board = json.loads(to_json(dataclasses.replace(typed(board), folds=np.int64(5), bootstrap=np.float32(1000.0))))
     assert numpy_board["folds"] == 5 and numpy_board["bootstrap"] == 1000.0
 
 
@@ -381,41 +387,41 @@ def test_json_writes_nan_as_null_and_is_strict_json(board):
 # --------------------------------------------------------------------------------------------
 
 
-def test_write_all_writes_five_files_atomically_and_read_board_round_trips(board, tmp_path):
+def test_write_all_writes_five_files_atomically_and_the_json_reads_back_as_the_same_record(board, tmp_path):
     folder = tmp_path / "out" / "leaderboard"
-    (paths,) = write_all(board, folder)
+    (paths,) = write_all(typed(board), folder)
     assert set(paths) == set(FORMATS)
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["leaderboard.csv", "leaderboard.md", "leaderboard.json", "leaderboard.html", "leaderboard.tex"])  # no *.partial
     for fmt, path in paths.items():
         assert path.parent == folder
-        assert path.read_bytes() == render(board, fmt).encode("utf-8")  # CSV keeps its \r\n
-    again = read_board(paths["json"])
-    assert again == json.loads(to_json(board))
+        assert path.read_bytes() == render(typed(board), fmt).encode("utf-8")  # CSV keeps its \r\n
+    again = Leaderboard.read(paths["json"])
+    assert again.to_dict() == json.loads(to_json(typed(board)))
     for fmt in FORMATS:
-        assert render(again, fmt) == render(board, fmt)
+        assert render(again, fmt) == render(typed(board), fmt)
 
-    (custom,) = write_all(board, folder, stem="final")
+    (custom,) = write_all(typed(board), folder, stem="final")
     assert {p.name for p in custom.values()} == {"final.csv", "final.md", "final.json", "final.html", "final.tex"}
     assert len(list(folder.iterdir())) == 10
 
 
 def test_write_all_writes_nothing_when_a_rendering_fails(tmp_path):
-    broken = make_board()
-    del broken["datasets"][1]["rows"][0]["test"]  # a bug in the producer: KeyError in every renderer
-    with pytest.raises(KeyError):
+    broken = typed(make_board())
+    broken.datasets[1].rows[0].members = [Member("misa/0a0a_00000", None)]  # a bug in the producer
+    with pytest.raises(TypeError):
         write_all(broken, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_render_dispatches_and_refuses_an_unknown_format(board):
-    assert render(board, "csv") == to_csv(board)
-    assert render(board, "md") == to_markdown(board)
-    assert render(board, "json") == to_json(board)
-    assert render(board, "html") == to_html(board)
-    assert render(board, "latex") == to_latex(board)
+    assert render(typed(board), "csv") == to_csv(typed(board))
+    assert render(typed(board), "md") == to_markdown(typed(board))
+    assert render(typed(board), "json") == to_json(typed(board))
+    assert render(typed(board), "html") == to_html(typed(board))
+    assert render(typed(board), "latex") == to_latex(typed(board))
     with pytest.raises(MsaError) as error:
-        render(board, "xlsx")
+        render(typed(board), "xlsx")
     message = str(error.value)
     assert "\n" not in message and "'xlsx'" in message
     assert all(fmt in message for fmt in FORMATS)
@@ -430,28 +436,28 @@ def test_render_dispatches_and_refuses_an_unknown_format(board):
     (b'{"run_dir": "/x", "created": "", "protocol": "oof", "folds": 5, "bootstrap": 0, '
      b'"datasets": [{"dataset": "d"}]}', "datasets[0] is missing"),
 ])
-def test_read_board_refuses_a_missing_or_garbled_file(tmp_path, content, reason):
+def test_reading_a_leaderboard_refuses_a_missing_or_garbled_file(tmp_path, content, reason):
     path = tmp_path / "leaderboard.json"
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(MsaError) as error:
-        read_board(path)
+        Leaderboard.read(path)
     message = str(error.value)
     assert "\n" not in message and str(path) in message and reason in message
 
 
-def test_read_board_refuses_a_row_without_its_keys_or_a_bad_direction(board, tmp_path):
+def test_reading_a_leaderboard_refuses_a_row_without_its_keys_or_a_bad_direction(board, tmp_path):
     path = tmp_path / "leaderboard.json"
-    broken = json.loads(to_json(board))
+    broken = json.loads(to_json(typed(board)))
     del broken["datasets"][1]["rows"][2]["registered"]
     path.write_text(json.dumps(broken))
     with pytest.raises(MsaError, match=r"datasets\[1\]\.rows\[2\] is missing registered"):
-        read_board(path)
-    broken = json.loads(to_json(board))
+        Leaderboard.read(path)
+    broken = json.loads(to_json(typed(board)))
     broken["datasets"][0]["directions"]["corr"] = "up"
     path.write_text(json.dumps(broken))
     with pytest.raises(MsaError, match=r"directions\['corr'\] must be one of higher, lower"):
-        read_board(path)
+        Leaderboard.read(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,7 +473,7 @@ def png_pixels(data: bytes) -> np.ndarray:
 
 def test_chart_png_is_a_png_with_content_and_closes_its_figure(board):
     figures_before = plt.get_fignums()
-    for entry in board["datasets"]:
+    for entry in typed(board).datasets:
         data = chart_png(entry)
         assert data.startswith(b"\x89PNG\r\n\x1a\n")
         pixels = png_pixels(data)
@@ -479,9 +485,10 @@ def test_chart_png_is_a_png_with_content_and_closes_its_figure(board):
     regression = board["datasets"][0]
     plotted = sum(defined(diff_of(r, "mae")["diff"]) is not None for r in regression["rows"])
     assert plotted == 4  # nnls has no mae difference
-    few = {**regression, "rows": regression["rows"][:1]}
-    assert png_pixels(chart_png(few)).shape[0] < png_pixels(chart_png(regression)).shape[0]
-    empty = {**regression, "rows": [regression["rows"][3]]}  # nnls: its mae diff is undefined
+    section = typed(board).datasets[0]
+    few = dataclasses.replace(section, rows=section.rows[:1])
+    assert png_pixels(chart_png(few)).shape[0] < png_pixels(chart_png(section)).shape[0]
+    empty = dataclasses.replace(section, rows=[section.rows[3]])  # nnls: its mae diff is undefined
     assert chart_png(empty).startswith(b"\x89PNG")
     assert plt.get_fignums() == figures_before
 
@@ -492,7 +499,7 @@ def test_chart_png_is_a_png_with_content_and_closes_its_figure(board):
 
 
 def test_html_is_self_contained_and_escapes_text(board):
-    page = to_html(board)
+    page = to_html(typed(board))
     assert page.startswith("<!DOCTYPE html>")
     assert "<script" not in page.lower()
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", page)  # every resource is inline
@@ -553,7 +560,7 @@ def served_board(board, tmp_path):
     """The leaderboard page and a checker page served on 127.0.0.1; yields (base URL, requested paths)."""
     site = tmp_path / "site"
     site.mkdir()
-    write_all(board, site)
+    write_all(typed(board), site)
     (site / "check.html").write_text(CHECKER, encoding="utf-8")
     requested: list[str] = []
     handler = type("Handler", (QuietHandler,), {"requested": requested})
@@ -589,7 +596,7 @@ def test_html_renders_in_headless_chromium(chromium, board, served_board, tmp_pa
     for entry, table in zip(board["datasets"], seen["tables"]):
         assert table["bodyRows"] == len(entry["rows"])
         assert table["width"] > 0
-        header = table_header(entry)
+        header = table_header(Leaderboard.from_dict({**board, "datasets": [entry]}).datasets[0])
         assert table["headers"] == header
         test_headers = [h for h in header if h.startswith("test ")]
         assert len(test_headers) == len(entry["metrics"])
@@ -602,7 +609,7 @@ def test_html_renders_in_headless_chromium(chromium, board, served_board, tmp_pa
 
     assert len(seen["images"]) == len(board["datasets"])
     for image, entry in zip(seen["images"], board["datasets"]):
-        expected = png_pixels(chart_png(entry)).shape
+        expected = png_pixels(chart_png(Leaderboard.from_dict({**board, "datasets": [entry]}).datasets[0])).shape
         assert image["complete"], image
         assert (image["naturalHeight"], image["naturalWidth"]) == expected[:2]
         assert entry["dataset"] in image["alt"] and entry["selection_metric"] in image["alt"]
@@ -669,7 +676,7 @@ def test_a_fourteen_row_board_fits_1400_px_without_scrolling_and_ensemble_rows_s
     board = big_board()
     site = tmp_path / "site"
     site.mkdir()
-    write_all(board, site)
+    write_all(typed(board), site)
     (site / "check.html").write_text(LAYOUT_CHECKER, encoding="utf-8")
     handler = type("Handler", (QuietHandler,), {"requested": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(site)))
@@ -691,7 +698,7 @@ def test_a_fourteen_row_board_fits_1400_px_without_scrolling_and_ensemble_rows_s
     assert all(not any(folded) for folded in seen["folded"])  # closed until clicked
     assert sum(len(folded) for folded in seen["folded"]) == 5  # the 4 ensembles and the seed ensemble
     (entry,) = board["datasets"]
-    header = table_header(entry)
+    header = table_header(typed(board).datasets[0])
     for m in entry["metrics"]:
         column = header.index(f"test {metric_label(m)} {ARROW[entry['directions'][m]]}")
         values = [row["test"][m] for row in entry["rows"]]
@@ -702,7 +709,7 @@ def test_a_fourteen_row_board_fits_1400_px_without_scrolling_and_ensemble_rows_s
 
 def test_html_rows_of_a_seed_group_show_mean_and_sd_rounded_per_metric():
     board = big_board()
-    page = to_html(board)
+    page = to_html(typed(board))
     row = next(r for r in board["datasets"][0]["rows"] if r.get("seeds"))
     sd = row["seeds"]["test_sd"]["acc7"]
     assert f'{rounded("acc7", row["test"]["acc7"])}<span class="sd"> ±{rounded("acc7", sd)}</span>' in page \
@@ -715,24 +722,24 @@ LATEX = shutil.which("pdflatex")
 
 def test_latex_is_a_booktabs_table_per_dataset_with_one_row_per_model_and_the_best_in_bold(tmp_path):
     board = big_board()
-    text = to_latex(board)
+    text = to_latex(typed(board))
     (entry,) = board["datasets"]
     assert text.count(r"\begin{table}") == text.count(r"\end{table}") == 1
     assert text.count(r"\begin{tabular}{lccccc}") == 1  # Model, Acc-2, F1, MAE, Corr, Acc-7
     assert [text.count(rule) for rule in (r"\toprule", r"\bottomrule")] == [1, 1]
     body = text[text.index(r"\midrule") + len(r"\midrule"):text.index(r"\bottomrule")]
     lines = [line for line in body.strip().splitlines() if line.strip() != r"\midrule"]
-    rows = paper_rows(entry)
+    rows = paper_rows(typed(board).datasets[0])
     assert len(rows) == 4 + 5  # one row per model (its best trial) and every ensemble
     assert len(lines) == len(rows)
     for line, row in zip(lines, rows):
         assert line.endswith(r"\\") and line.count("&") == 5
         cells = [cell.strip() for cell in line.removesuffix(r"\\").split("&")]
         mae = cells[3]
-        assert mae.replace(r"\textbf{", "").split("}")[0].split("$")[0] == rounded("mae", row["test"]["mae"]).replace("−", "-")
-        if row.get("seeds"):
+        assert mae.replace(r"\textbf{", "").split("}")[0].split("$")[0] == rounded("mae", row.test["mae"]).replace("−", "-")
+        if row.seeds:
             assert r"$\pm$" in mae
-    best_mae = min(r["test"]["mae"] for r in rows)
+    best_mae = min(r.test["mae"] for r in rows)
     bold = [line for line in lines if rf"\textbf{{{rounded('mae', best_mae)}}}" in line.split("&")[3]]
     assert len(bold) == 1
     assert "invariant (3 seeds)" in text and "stacked ensemble (caruana)" in text
