@@ -124,7 +124,7 @@ def test_a_second_sweep_on_the_same_data_computes_no_prefix(encoder_sweep, capsy
         "[text cache] encoded token ids", "[text cache] encoded depth 1", "[text cache] encoded depth 2"]
     assert all(": cache hit (" in line for line in printed)
     assert session.text_plan.cache.entries() == before
-    dataset = inputs["encoded"].load({"text_encoder": {"path": "unused", "freeze_layers": 1}})
+    dataset = inputs["encoded"].load(TrainConfig(text_encoder=TextEncoderConfig(path="unused", freeze_layers=1)))
     text = dataset.splits["train"].features["text"]
     assert isinstance(text, np.memmap) and text.dtype == np.float16 and dataset.text_encoding.prefix_layers == 1
 
