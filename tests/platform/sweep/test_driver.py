@@ -259,7 +259,7 @@ def test_each_new_study_starts_with_the_models_default_config(reference_sweep):
     for pair, study in studies(run_dir).items():
         model = pair.split("-", 1)[0]
         space = load_search_space(model)
-        base = resolve_config({**trial_param_space(config, space, model, dataset, "mae"), "out": "unused"})
+        base = resolve_config({**trial_param_space(config, space, model, dataset, "mae"), "data": "unused", "out": "unused"})
         first = min(study.trials, key=lambda trial: trial.number)
         assert first.params == space.default_point(base), pair
         assert f"[{pair}] first trial: the model's default config, clipped into its search space" in reference_sweep.console
