@@ -60,6 +60,8 @@ class SearchConfig:
         grace_period: epochs every trial gets before ASHA may stop it.
         reduction_factor: ASHA's rung ratio.
         spaces: per model, a search-space YAML to use instead of `search_spaces/<model>.yaml`.
+        defaults_first: a new study's first trial is the model's default config, clipped into
+            its search space (false: every trial is the sampler's).
     """
 
     sampler: Literal["tpe", "random"] = "tpe"
@@ -70,6 +72,7 @@ class SearchConfig:
     grace_period: int = 2
     reduction_factor: int = 2
     spaces: dict[str, str] = field(default_factory=dict)
+    defaults_first: bool = True
 
 
 @dataclass

@@ -269,17 +269,24 @@ class SweepSession:
             facts = self.pairs[pair]
             model, metric, mode = facts.model, facts.metric, facts.mode
             dataset = self.datasets[facts.dataset]
+            trial_configs[pair] = trial_param_space(config, self.spaces[model], model, dataset, metric)
+            base = resolve_config({**trial_configs[pair], "out": "unused"}, where=f"{pair} trial config")  # fail before Ray works
+            storage = optuna.storages.RDBStorage(self.run_dir.study_url(pair))
+            # A new study's first trial is the model's default config, so that a small budget never
+            # ends below the defaults; a study that exists already had its first trial.
+            new_study = config.search.defaults_first and not _study_exists(storage, pair)
+            first = [self.spaces[model].default_point(base)] if new_study else None
             searchers[pair] = PruningAwareOptunaSearch(
                 space=self.spaces[model].optuna_space(), metric=context.tune_metric, mode=mode,
-                sampler=sampler_class(seed=config.search.seed), study_name=pair,
-                storage=optuna.storages.RDBStorage(self.run_dir.study_url(pair)),
+                sampler=sampler_class(seed=config.search.seed), study_name=pair, storage=storage,
+                points_to_evaluate=first,
                 errors_dir=str(self.run_dir.tune_experiment), budget=config.budget.trials_per_pair,
             )
+            if first:
+                print(f"[{pair}] first trial: the model's default config, clipped into its search space", flush=True)
             schedulers[pair] = pair_scheduler(
                 config.search.scheduler, metric=context.tune_metric, mode=mode, max_t=config.budget.max_epochs,
                 grace_period=config.search.grace_period, reduction_factor=config.search.reduction_factor)
-            trial_configs[pair] = trial_param_space(config, self.spaces[model], model, dataset, metric)
-            resolve_config({**trial_configs[pair], "out": "unused"}, where=f"{pair} trial config")  # fail before Ray works
         resources = config.resources
         search = MatrixSearch(searchers, trial_configs, schedule=resources.schedule,
                               max_per_pair=resources.max_trials_per_pair, time_budget_s=config.budget.time_budget_s)
@@ -302,6 +309,14 @@ class SweepSession:
                 callbacks=callbacks, verbose=self.verbose,
             ),
         )
+
+
+def _study_exists(storage: optuna.storages.RDBStorage, name: str) -> bool:
+    try:
+        storage.get_study_id_from_name(name)
+    except KeyError:
+        return False
+    return True
 
 
 def trial_param_space(config: SweepConfig, space: SearchSpace, model: str, dataset: FeatureSet, metric: str) -> dict:

@@ -25,7 +25,7 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from msa.models.registry import get_entry
+from msa.models.registry import build_model_config, get_entry
 from msa.platform.core.config import build_dataclass, load_yaml_mapping
 from msa.platform.core.errors import MsaError
 from msa.platform.training.config import SWEEP_OWNED, TextEncoderConfig, TrainConfig
@@ -71,6 +71,21 @@ class Param:
             return list(range(int(self.low), int(self.high) + 1))
         return self.sample_values()
 
+    def clipped(self, value: Any) -> Any:
+        """`value` moved into this parameter's space: a number clipped into [low, high] (rounded
+        for integer types); for a categorical, the value itself if it is a choice, else the
+        numerically nearest choice, else the first."""
+        if self.type in ("float", "log_float"):
+            return min(max(float(self.low if value is None else value), float(self.low)), float(self.high))
+        if self.type in ("int", "log_int"):
+            return min(max(int(round(self.low if value is None else value)), int(self.low)), int(self.high))
+        if self.type == "categorical":
+            if value in self.choices:
+                return value
+            numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in (value, *self.choices))
+            return min(self.choices, key=lambda choice: abs(choice - value)) if numeric else self.choices[0]
+        raise ValueError(f"{self.name} is fixed and has no range")
+
     def sample_values(self) -> list[Any]:
         """Values that span the parameter, used to type-check it against its config field."""
         if self.type == "fixed":
@@ -95,6 +110,20 @@ class SearchSpace:
         return {
             p.name.replace(".", NAME_SEPARATOR): p.distribution() for p in self.params if p.type != "fixed"
         }
+
+    def default_point(self, base: TrainConfig) -> dict[str, Any]:
+        """A study's first trial: each searched parameter at its value in `base` (the model's own
+        defaults, its config dataclass holding the papers' settings, under the sweep's `train:`
+        section), clipped into the space (`Param.clipped`); keyed as `optuna_space` keys them."""
+        model_config = build_model_config(self.model, base.model_config, where="model_config")
+        point = {}
+        for p in self.params:
+            if p.type == "fixed":
+                continue
+            head, _, field_name = p.name.partition(".")
+            owner = {"model_config": model_config, "text_encoder": base.text_encoder}.get(head) if field_name else base
+            point[p.name.replace(".", NAME_SEPARATOR)] = p.clipped(getattr(owner, field_name or head))
+        return point
 
     def fixed_values(self) -> dict[str, Any]:
         """Fixed parameters as a nested mapping of train-config overrides."""

@@ -32,6 +32,9 @@ from msa.platform.tracking.client import TRIAL_TAG
 from msa.platform.tracking.runs import failure_reason
 
 
+ASKED = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
 def trial_dirname(trial) -> str:
     """Tune's folder for a trial: its id, as in `trials/` (Tune's default spells out every param)."""
     return trial.trial_id
@@ -57,7 +60,8 @@ class PruningAwareOptunaSearch(OptunaSearch):
             trials[trial_id] = live_trial(study, storage_id(orphan))
             trials[trial_id].set_user_attr(TRIAL_TAG, trial_id)
             return unflatten_dict(orphan.params)
-        if len(study.get_trials(deepcopy=False)) >= self.budget:
+        # A WAITING trial is one queued to be asked next (the model's defaults): not yet one of the budget's.
+        if len(study.get_trials(deepcopy=False, states=ASKED)) >= self.budget:
             return Searcher.FINISHED  # the study holds the budget, some trials finished unknown to Tune's state
         suggestion = super().suggest(trial_id)
         if trial_id in trials:  # link the study's record to the Ray trial and its folder

@@ -48,7 +48,7 @@ from msa.platform.sweep.config import load_sweep_config
 from msa.platform.sweep.driver import run_sweep, trial_param_space
 from msa.platform.sweep.search_space import load_search_space
 from msa.platform.training.checkpoint import Checkpoint, SeedGroup
-from msa.platform.training.config import SWEEP_OWNED, TrainConfig
+from msa.platform.training.config import SWEEP_OWNED, TrainConfig, resolve_config
 from msa.platform.training.loop import train_loop
 from msa.platform.training.text_encoder import load_encoder
 
@@ -248,6 +248,22 @@ def test_a_two_by_two_sweep_runs_its_studies_at_once_within_the_per_pair_cap(ref
     studies_runs = mlflow_client.search_runs([mlflow_client.get_experiment_by_name(run_dir.name).experiment_id],
                                              filter_string="tags.`msa.role` = 'study'")
     assert {r.info.status for r in studies_runs} == {"FINISHED"} and len(studies_runs) == 4
+
+
+def test_each_new_study_starts_with_the_models_default_config(reference_sweep):
+    """Every study's first trial is its model's defaults under the sweep's train: section, clipped
+    into the search space (so a small budget never ends below them); the console says so."""
+    run_dir = reference_sweep.run_dir
+    config = load_sweep_config(run_dir / "sweep.yaml")
+    dataset = synthesize("regression", seed=0, sizes={"train": 8, "valid": 4, "test": 4})
+    for pair, study in studies(run_dir).items():
+        model = pair.split("-", 1)[0]
+        space = load_search_space(model)
+        base = resolve_config({**trial_param_space(config, space, model, dataset, "mae"), "data": "unused", "out": "unused"})
+        first = min(study.trials, key=lambda trial: trial.number)
+        assert first.params == space.default_point(base), pair
+        assert f"[{pair}] first trial: the model's default config, clipped into its search space" in reference_sweep.console
+        assert all(trial.params != first.params for trial in study.trials if trial.number != first.number)
 
 
 def test_asha_prunes_trials_of_a_matrix_sweep_and_optuna_keeps_what_they_reached(reference_sweep):

@@ -123,6 +123,41 @@ grad_clip: {type: fixed, value: 0.5}
     assert space.source == str(path)
 
 
+def test_the_default_point_is_the_models_defaults_under_the_train_section_clipped_into_the_space(tmp_path):
+    """A study's first trial: TrainConfig's and the model config's defaults (the sweep's train:
+    section over them), each moved into its range; fixed parameters are not in it."""
+    path = write_space(tmp_path, """
+lr: {type: log_float, low: 1.0e-4, high: 5.0e-3}
+weight_decay: {type: log_float, low: 1.0e-3, high: 1.0e-2}
+batch_size: {type: categorical, choices: [8, 40, 128]}
+patience: {type: int, low: 2, high: 4}
+regression_loss: {type: categorical, choices: [mse]}
+model_config.hidden: {type: categorical, choices: [32, 64, 128]}
+model_config.dropout: {type: float, low: 0.2, high: 0.5}
+text_encoder.lr: {type: log_float, low: 1.0e-5, high: 1.0e-4}
+text_encoder.freeze_layers: {type: int, low: 1, high: 5}
+grad_clip: {type: fixed, value: 0.5}
+""")
+    space = load_search_space("baseline", path)
+    base = TrainConfig(model="baseline", data="d.pkl", patience=3, model_config={"hidden": 128},
+                       text_encoder={"path": "enc", "freeze_layers": 9})
+    point = space.default_point(build_dataclass(TrainConfig, dataclasses.asdict(base), where="test"))
+    assert point == {
+        "lr": 1e-3,                              # TrainConfig's default, inside the range
+        "weight_decay": 1e-3,                    # its default 1e-4, clipped up to low
+        "batch_size": 40,                        # 32 is no choice: the nearest one
+        "patience": 3,                           # the train: section's value, not the default 6
+        "regression_loss": "mse",                # "l1" is no choice and not a number: the first
+        "model_config/hidden": 128,              # the train: section's model_config
+        "model_config/dropout": 0.2,             # the model's default 0.1, clipped up to low
+        "text_encoder/lr": 5e-5,                 # TextEncoderConfig's default
+        "text_encoder/freeze_layers": 5,         # 9 clipped down to high
+    }
+    assert set(point) == set(space.optuna_space())
+    assert all(space.optuna_space()[name]._contains(space.optuna_space()[name].to_internal_repr(value))
+               for name, value in point.items())
+
+
 def test_a_space_of_only_fixed_values_has_an_empty_optuna_space(tmp_path):
     path = write_space(tmp_path, "model_config.dropout: {type: fixed, value: 0.2}\n")
     space = load_search_space("baseline", path)
