@@ -81,6 +81,10 @@ class BoardRow:
     registered: str = ""  # registry versions, ``name@version, ...``
     seeds: SeedSpread | None = None
 
+    def score(self, split: str, metric: str) -> float | None:
+        """Its `metric` on ``valid`` (the selection metric only) or ``test``."""
+        return (self.valid if split == "valid" else self.test).get(metric)
+
     def diff(self, metric: str) -> Interval:
         """Its difference on `metric` (an undefined `Interval` when there is none)."""
         return self.test_diff.get(metric) or Interval()
@@ -108,7 +112,7 @@ class DatasetBoard:
 
     def best_rows(self, split: str, metric: str) -> set[int]:
         """Positions of the rows holding the best `split` value of `metric` (ties all count)."""
-        values = [number((row.valid if split == "valid" else row.test).get(metric)) for row in self.rows]
+        values = [number(row.score(split, metric)) for row in self.rows]
         found = [v for v in values if v is not None]
         if not found:
             return set()

@@ -104,7 +104,7 @@ def _table(entry: DatasetBoard) -> str:
 
 
 def _score(row: BoardRow, split: str, metric: str, is_best: bool, title: str = "") -> str:
-    text = html.escape(rounded(metric, (row.valid if split == "valid" else row.test).get(metric)))
+    text = html.escape(rounded(metric, row.score(split, metric)))
     if is_best:
         text = f"<strong>{text}</strong>"
     sd = row.sd(split, metric)

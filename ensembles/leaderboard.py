@@ -205,8 +205,7 @@ def _table(entry: DatasetBoard) -> tuple[list[str], list[list[str | tuple[str, .
 
 def _with_sd(row: BoardRow, split: str, metric: str) -> str:
     sd = row.sd(split, metric)
-    value = (row.valid if split == "valid" else row.test).get(metric)
-    return rounded(metric, value) + ("" if sd is None else f" ± {rounded(metric, sd)}")
+    return rounded(metric, row.score(split, metric)) + ("" if sd is None else f" ± {rounded(metric, sd)}")
 
 
 def _md_cell(text: str) -> str:

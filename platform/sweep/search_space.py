@@ -73,8 +73,9 @@ class Param:
 
     def clipped(self, value: Any) -> Any:
         """`value` moved into this parameter's space: a number clipped into [low, high] (rounded
-        for integer types); for a categorical, the value itself if it is a choice, else the
-        numerically nearest choice, else the first."""
+        for integer types; None, a field without a default number, becomes low); for a
+        categorical, the value itself if it is a choice, else the numerically nearest choice,
+        else the first."""
         if self.type in ("float", "log_float"):
             return min(max(float(self.low if value is None else value), float(self.low)), float(self.high))
         if self.type in ("int", "log_int"):

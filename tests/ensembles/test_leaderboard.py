@@ -32,6 +32,7 @@ import pytest
 from PIL import Image
 
 from msa.ensembles.board import Leaderboard, Member
+from msa.ensembles.board_console import to_console
 from msa.ensembles.board_html import chart_png, table_header
 from msa.ensembles.board_latex import paper_rows, to_latex
 from msa.ensembles.board_text import metric_label, rounded
@@ -412,6 +413,28 @@ def test_write_all_writes_nothing_when_a_rendering_fails(tmp_path):
     with pytest.raises(TypeError):
         write_all(broken, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_console_shows_each_row_on_the_selection_metric_rounded_as_the_html(board):
+    text = to_console(typed(board), Path("/runs/x/ensembles"))
+    lines = text.splitlines()
+    for entry in board["datasets"]:
+        sel = entry["selection_metric"]
+        heading = lines.index(f"[{entry['dataset']}] ranked by valid {sel} ({entry['directions'][sel]} is better); "
+                              "test difference vs best single with paired bootstrap 95% interval")
+        for rank, row in enumerate(entry["rows"], start=1):
+            line = lines[heading + 1 + rank]
+            assert line.split()[0] == str(rank) and row["name"] in line, line
+            assert f"{shown(sel, row['valid'][sel]):>9}{shown(sel, row['test'][sel]):>9}" in line, line
+            diff = diff_of(row, sel)
+            if defined(diff["diff"]) is None:
+                assert "  -  " in line, line
+            else:
+                assert (f"{shown(sel, diff['diff'], signed=True)} [{shown(sel, diff['low'], signed=True)}, "
+                        f"{shown(sel, diff['high'], signed=True)}]") in line, line
+            if row["registered"]:
+                assert line.rstrip().endswith(row["registered"]), line
+    assert lines[-1] == "leaderboard: /runs/x/ensembles/leaderboard.{csv,md,json,html,tex}"
 
 
 def test_render_dispatches_and_refuses_an_unknown_format(board):
