@@ -68,7 +68,7 @@ def simulate(pool: dict[str, list[dict]], *, models: list[str], datasets: int, t
     pairs = [f"{model}-d{d}" for model in models for d in range(datasets)]
     draws = {pair: [rng.choice(pool[pair.rsplit("-", 1)[0]]) for _ in range(trials)] for pair in pairs}
     metric = {pair: draws[pair][0]["metric"] for pair in pairs}
-    ashas = {pair: pair_scheduler("asha", metric="m", mode=METRIC_MODES[metric[pair]], max_t=max_t,
+    ashas = {pair: pair_scheduler("asha", metric="m", mode=METRIC_MODES[metric[pair]], unit="epochs", max_t=max_t,
                                   grace_period=grace, reduction_factor=rf) for pair in pairs}
     started = {pair: 0 for pair in pairs}
     running = {pair: 0 for pair in pairs}

@@ -24,6 +24,7 @@ from msa.platform.core.metrics import loss_of
 from msa.platform.core.run_dir import RunDir
 from msa.platform.data.features import FeatureSet
 from msa.platform.data.readers import load_dataset
+from msa.platform.sweep.warm_start import own_trials
 from msa.platform.tracking.client import PAIR_TAG, ROLE_TAG, STATE_TAG, TRIAL_TAG, client
 from msa.platform.tracking.pyfunc import LoadedCheckpoint
 from msa.platform.training.checkpoint import PREDICTED_SPLITS, Checkpoint, SeedGroup
@@ -97,7 +98,7 @@ def sweep_candidates(run_dir: Path) -> list[Candidate]:
         if pair not in optuna.get_all_study_names(storage):  # interrupted before its study was written
             continue
         study = optuna.load_study(study_name=pair, storage=storage)
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        for trial in own_trials(study, (TrialState.COMPLETE, TrialState.PRUNED)):
             trial_id = trial.user_attrs.get(TRIAL_TAG, "")
             folder = run_dir.trial(pair, trial_id)
             if trial_id and SeedGroup(folder).exists():

@@ -23,7 +23,6 @@ uvicorn or `msa` process it started is alive.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import sys
@@ -31,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import Driver, FinishedSweep, mmsa_named_alike, sweep_config, synth_data, without_ray_address
+from helpers import Driver, FinishedSweep, mmsa_named_alike, run_finished, sweep_config, synth_data, without_ray_address
 import leftovers
 from leftovers import pytest_sessionfinish, pytest_terminal_summary  # noqa: F401 (the check's hooks)
 
@@ -255,17 +254,6 @@ def mlflow_store(tmp_path_factory):
         return folder
 
     return copy_into
-
-
-def run_finished(config, data_files) -> FinishedSweep:
-    """Run the sweep `config` with its console captured; `data_files(run_dir)` names the data
-    files it read, by dataset."""
-    from msa.platform.sweep.driver import run_sweep
-
-    console = io.StringIO()
-    with contextlib.redirect_stdout(console):
-        result = run_sweep(config)
-    return FinishedSweep(result.run_dir.root, result.pairs, console.getvalue().splitlines(), data_files(result.run_dir))
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import pickle
 import signal
@@ -163,6 +164,17 @@ def schema_written(db: Path) -> bool:
             return connection.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
     except sqlite3.Error:
         return False
+
+
+def run_finished(config, data_files) -> FinishedSweep:
+    """Run the sweep `config` with its console captured; `data_files(run_dir)` names the data
+    files it read, by dataset."""
+    from msa.platform.sweep.driver import run_sweep
+
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        result = run_sweep(config)
+    return FinishedSweep(result.run_dir.root, result.pairs, console.getvalue().splitlines(), data_files(result.run_dir))
 
 
 def studies(run_dir: Path) -> dict[str, optuna.Study]:

@@ -21,6 +21,7 @@ from msa.platform.core.metrics import is_better
 from msa.platform.core.run_dir import RunDir
 from msa.platform.sweep.schedule import OUT_OF_TIME_ATTR, PAIR_KEY
 from msa.platform.sweep.trial import without_pair
+from msa.platform.sweep.warm_start import own_trials
 from msa.platform.tracking.client import FAIL_REASON_TAG, STATE_TAG, client
 from msa.platform.tracking.runs import TrialTracking, failure_reason, log_trial_outcome, open_trial_run
 from msa.platform.training.config import resolve_config
@@ -167,8 +168,8 @@ class TrialRunCloser(tune.Callback):
 
 def study_is_done(study: optuna.Study, budget: int) -> bool:
     """Every trial the study will get has finished: it holds its budget (or ran out of time)
-    and none is still running."""
-    trials = study.get_trials(deepcopy=False)
+    and none is still running (trials carried from earlier sweeps do not count)."""
+    trials = own_trials(study)
     if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
         return False
     return len(trials) >= budget or bool(study.user_attrs.get(OUT_OF_TIME_ATTR))

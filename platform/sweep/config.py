@@ -39,12 +39,15 @@ class BudgetConfig:
         time_budget_s: optional wall-clock budget per pair, counted from its first trial in this
             driver (a resumed sweep counts again): no trial of the pair starts after it, and the
             ones running finish (as Optuna's ``timeout`` does). The study records that it ran out.
+        max_trial_seconds: with ``search.budget_unit: seconds``, ASHA's maximum: the training
+            seconds after which it stops a trial (which also ends at ``max_epochs``).
     """
 
     trials_per_pair: int = 8
     seeds_per_trial: int = 1
     max_epochs: int = 20
     time_budget_s: float | None = None
+    max_trial_seconds: float | None = None
 
 
 @dataclass
@@ -57,11 +60,22 @@ class SearchConfig:
         scheduler: ``asha`` (early stopping of weak trials) or ``none``.
         metric: valid metric that selects (``""``: MAE for regression, accuracy for classification).
         mode: ``min`` or ``max``; must agree with the metric when given.
-        grace_period: epochs every trial gets before ASHA may stop it.
+        grace_period: what every trial gets before ASHA may stop it, in `budget_unit`.
         reduction_factor: ASHA's rung ratio.
         spaces: per model, a search-space YAML to use instead of `search_spaces/<model>.yaml`.
         defaults_first: a new study's first trial is the model's default config, clipped into
-            its search space (false: every trial is the sampler's).
+            its search space (false: every trial is the sampler's). A warm start that queues
+            configs replaces it.
+        warm_start: earlier sweeps' run directories; each new study learns from their studies of
+            the same model: on the same task (dataset SHA-256, selection metric, text input) their
+            finished trials are added as evaluated trials the sampler reads (they count neither
+            against the budget nor as this sweep's trials); otherwise their best configs are
+            queued as the first trials.
+        warm_start_top_k: configs queued from each earlier study of another task.
+        budget_unit: what ASHA counts: ``epochs`` (its rungs and grace period in epochs, its
+            maximum ``budget.max_epochs``) or ``seconds`` (in training seconds, Ray's
+            ``time_total_s``, its maximum ``budget.max_trial_seconds``): an epoch of a cheap
+            config (more frozen encoder layers, a smaller model) then costs less of the search.
     """
 
     sampler: Literal["tpe", "random"] = "tpe"
@@ -73,6 +87,9 @@ class SearchConfig:
     reduction_factor: int = 2
     spaces: dict[str, str] = field(default_factory=dict)
     defaults_first: bool = True
+    warm_start: list[str] = field(default_factory=list)
+    warm_start_top_k: int = 3
+    budget_unit: Literal["epochs", "seconds"] = "epochs"
 
 
 @dataclass
@@ -189,6 +206,25 @@ def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> S
     return validate_sweep_config(build_dataclass(SweepConfig, raw, where=where), where=where)
 
 
+def _check_budget_unit(config: SweepConfig, where: str) -> None:
+    """ASHA's grace period and maximum, in the unit it counts."""
+    budget, search = config.budget, config.search
+    if search.budget_unit == "epochs":
+        if budget.max_trial_seconds is not None:
+            raise MsaError(f"{where}: budget.max_trial_seconds is read only with search.budget_unit: seconds")
+        if search.scheduler == "asha" and search.grace_period > budget.max_epochs:  # only ASHA reads it
+            raise MsaError(f"{where}: search.grace_period ({search.grace_period}) exceeds budget.max_epochs ({budget.max_epochs})")
+        return
+    if search.scheduler != "asha":
+        raise MsaError(f"{where}: search.budget_unit: seconds counts ASHA's rungs; it needs search.scheduler: asha")
+    if budget.max_trial_seconds is None or budget.max_trial_seconds <= 0:
+        raise MsaError(f"{where}: search.budget_unit: seconds needs budget.max_trial_seconds > 0 (ASHA's maximum, "
+                       f"in training seconds)")
+    if search.grace_period > budget.max_trial_seconds:
+        raise MsaError(f"{where}: search.grace_period ({search.grace_period} s) exceeds budget.max_trial_seconds "
+                       f"({budget.max_trial_seconds:g} s)")
+
+
 def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
     """Checks that need more than types; raises MsaError naming `where`."""
     if not config.datasets:
@@ -213,6 +249,7 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
         ("budget.trials_per_pair", budget.trials_per_pair, 1), ("budget.seeds_per_trial", budget.seeds_per_trial, 1),
         ("budget.max_epochs", budget.max_epochs, 1),
         ("search.grace_period", search.grace_period, 1), ("search.reduction_factor", search.reduction_factor, 2),
+        ("search.warm_start_top_k", search.warm_start_top_k, 1),
         ("resources.workers_per_trial", resources.workers_per_trial, 1),
         ("resources.max_concurrent_trials", resources.max_concurrent_trials, 1),
         ("resources.max_failures", resources.max_failures, 0),
@@ -233,8 +270,7 @@ def validate_sweep_config(config: SweepConfig, *, where: str) -> SweepConfig:
             f"SQLite Optuna study and checkpoint folders read as files). On a cluster, mount shared storage "
             f"(EFS, NFS, FSx) at the same path on every node and give that path"
         )
-    if search.scheduler == "asha" and search.grace_period > budget.max_epochs:  # only ASHA reads it
-        raise MsaError(f"{where}: search.grace_period ({search.grace_period}) exceeds budget.max_epochs ({budget.max_epochs})")
+    _check_budget_unit(config, where)
     if budget.time_budget_s is not None and budget.time_budget_s <= 0:
         raise MsaError(f"{where}: budget.time_budget_s must be > 0 (or null), got {budget.time_budget_s}")
     if search.mode and not search.metric:

@@ -22,7 +22,7 @@ import yaml
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
-from msa.platform.core.compat import ray_logs_dir, restored_run_config
+from msa.platform.core.compat import ray_logs_dir, restored_run_config, searcher_study
 from msa.platform.core.config import to_plain
 from msa.platform.core.errors import MsaError
 from msa.platform.core.run_dir import RunDir
@@ -54,6 +54,7 @@ from msa.platform.sweep.searcher import PruningAwareOptunaSearch, trial_dirname
 from msa.platform.sweep.summary import PairSummary, SweepResult, summarize_study
 from msa.platform.sweep.text_inputs import DatasetInputs, driver_node_has_gpu, materialize, plan_text
 from msa.platform.sweep.trial import PairContext, run_trial
+from msa.platform.sweep.warm_start import TaskFacts, WarmStart, plan_warm_start, read_earlier_studies
 from msa.platform.tracking.server import MlflowServer, check_tracking_uri
 from msa.platform.tracking.sweep_runs import SweepTracking
 from msa.platform.training.config import resolve_config
@@ -109,12 +110,14 @@ class SweepSession:
         self.run_dir = RunDir(resume_dir) if self.resuming else None
         if self.resuming:
             _check_study_names(self.run_dir, self.pairs)
+        # A resumed sweep's studies hold what they carried when they were made.
+        self.earlier = [] if self.resuming else read_earlier_studies(config.search.warm_start, config.models)
         self.server: MlflowServer | None = None
         self._trials_queued = False  # until then, a new sweep that is refused leaves no run directory behind
 
     def plan(self) -> str:
         """What the sweep would do (`--dry-run`), from the checked inputs alone."""
-        return describe_plan(self.config, self.datasets, self.pairs, self.text_plan, self.run_dir)
+        return describe_plan(self.config, self.datasets, self.pairs, self.text_plan, self.run_dir, self.earlier)
 
     @property
     def tracking_uri(self) -> str:
@@ -226,7 +229,7 @@ class SweepSession:
                 if self.resuming and tune.Tuner.can_restore(str(experiment)):
                     tuner = _restored_tuner(experiment, trainable, callbacks, self.verbose)
                 else:
-                    tuner = self._new_tuner(contexts, trainable, callbacks)
+                    tuner = self._new_tuner(contexts, trainable, callbacks, tracking)
                 tuner.fit()
         for future in trial_closes:
             future.result()  # raise what a close raised
@@ -261,7 +264,8 @@ class SweepSession:
         tracking.close_study(context.tracking, study, summary)
         return summary
 
-    def _new_tuner(self, contexts: dict[str, PairContext], trainable, callbacks: list) -> tune.Tuner:
+    def _new_tuner(self, contexts: dict[str, PairContext], trainable, callbacks: list,
+                   tracking: SweepTracking) -> tune.Tuner:
         config = self.config
         sampler_class = optuna.samplers.TPESampler if config.search.sampler == "tpe" else optuna.samplers.RandomSampler
         searchers, schedulers, trial_configs = {}, {}, {}
@@ -272,20 +276,34 @@ class SweepSession:
             trial_configs[pair] = trial_param_space(config, self.spaces[model], model, dataset, metric)
             base = resolve_config({**trial_configs[pair], "out": "unused"}, where=f"{pair} trial config")  # fail before Ray works
             storage = optuna.storages.RDBStorage(self.run_dir.study_url(pair))
-            # A new study's first trial is the model's default config, so that a small budget never
-            # ends below the defaults; a study that exists already had its first trial.
-            new_study = config.search.defaults_first and not _study_exists(storage, pair)
-            first = [self.spaces[model].default_point(base)] if new_study else None
+            task = TaskFacts(model, facts.dataset, dataset.fingerprint, metric, base.text_encoder.path)
+            # Only a new study is seeded: one that exists already had its first trials.
+            new_study = not _study_exists(storage, pair)
+            defaults = self.spaces[model].default_point(base)
+            warm = plan_warm_start(self.earlier, task, self.spaces[model], defaults, top_k=config.search.warm_start_top_k,
+                                   budget=config.budget.trials_per_pair) if new_study else WarmStart()
+            # Unless a warm start queues its own, a new study's first trial is the model's default
+            # config, so that a small budget never ends below the defaults.
+            first = warm.queued or ([defaults] if new_study and config.search.defaults_first else None)
             searchers[pair] = PruningAwareOptunaSearch(
                 space=self.spaces[model].optuna_space(), metric=context.tune_metric, mode=mode,
                 sampler=sampler_class(seed=config.search.seed), study_name=pair, storage=storage,
                 points_to_evaluate=first,
                 errors_dir=str(self.run_dir.tune_experiment), budget=config.budget.trials_per_pair,
             )
-            if first:
+            study = searcher_study(searchers[pair])
+            task.record(study)
+            study.add_trials(warm.carried)
+            for source in warm.sources:
+                print(f"[{pair}] warm start from {source}", flush=True)
+            if warm:
+                tracking.tag_study(context.tracking, warm.tags())
+            elif first:
                 print(f"[{pair}] first trial: the model's default config, clipped into its search space", flush=True)
+            seconds = config.search.budget_unit == "seconds"
             schedulers[pair] = pair_scheduler(
-                config.search.scheduler, metric=context.tune_metric, mode=mode, max_t=config.budget.max_epochs,
+                config.search.scheduler, metric=context.tune_metric, mode=mode, unit=config.search.budget_unit,
+                max_t=config.budget.max_trial_seconds if seconds else config.budget.max_epochs,
                 grace_period=config.search.grace_period, reduction_factor=config.search.reduction_factor)
         resources = config.resources
         search = MatrixSearch(searchers, trial_configs, schedule=resources.schedule,

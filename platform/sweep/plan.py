@@ -1,8 +1,9 @@
 """What ``msa sweep --dry-run`` and ``msa run --dry-run`` print: the plan of a sweep whose every
 input was checked (`SweepSession`'s constructor), without starting Ray or writing anything.
 
-It names each dataset and pair, each study and its budget, the trial's shape, every text-cache
-entry the trials read (reused or to compute, with its size on disk) and the driver's expected
+It names each dataset and pair, each study and its budget, the earlier studies a warm start
+reads, the trial's shape, every text-cache entry the trials read (reused or to compute, with its
+size on disk) and the driver's expected
 peak memory: the loaded datasets, the token ids it makes while tokenizing, the encoder's weights
 when a prefix is to be computed in the driver (a GPU node's Ray task computes it otherwise), and
 the Python, torch, Ray and MLflow runtime the driver imports (`DRIVER_RUNTIME_BYTES`, measured
@@ -18,6 +19,7 @@ from msa.platform.sweep.cluster import trial_shape
 from msa.platform.sweep.config import SweepConfig
 from msa.platform.sweep.pairs import Pair
 from msa.platform.sweep.text_inputs import TextPlan
+from msa.platform.sweep.warm_start import EarlierStudy
 
 DRIVER_RUNTIME_BYTES = 700 * 2**20
 
@@ -33,7 +35,7 @@ def loaded_bytes(dataset: FeatureSet) -> int:
 
 
 def describe_plan(config: SweepConfig, datasets: dict[str, FeatureSet], pairs: dict[str, Pair],
-                  text_plan: TextPlan | None, run_dir: RunDir | None) -> str:
+                  text_plan: TextPlan | None, run_dir: RunDir | None, earlier: list[EarlierStudy]) -> str:
     """The plan, as printed (see the module docstring)."""
     budget, search, resources = config.budget, config.search, config.resources
     where = str(run_dir.root) if run_dir is not None else f"{config.storage}/{config.name}-<UTC time>/"
@@ -43,7 +45,9 @@ def describe_plan(config: SweepConfig, datasets: dict[str, FeatureSet], pairs: d
         clips = sum(len(split) for split in dataset.splits.values())
         lines.append(f"  {name:<{named}}  {dataset.source or 'generated into the run directory'}  sha256 {dataset.fingerprint[:12]}  "
                      f"{dataset.task} ({dataset.metric_suite} metrics), {clips:,} clips, {human_bytes(loaded_bytes(dataset))} in memory")
-    scheduler = (f"asha (grace {search.grace_period}, reduction {search.reduction_factor})"
+    unit = "" if search.budget_unit == "epochs" else \
+        f" s, counted in training seconds up to {budget.max_trial_seconds:g} s a trial"
+    scheduler = (f"asha (grace {search.grace_period}{unit}, reduction {search.reduction_factor})"
                  if search.scheduler == "asha" else "none")
     lines.append(f"pairs  ({search.sampler} sampler, seed {search.seed}; scheduler {scheduler}; at most {budget.max_epochs} "
                  f"epochs a trial, {budget.seeds_per_trial} seed(s) each"
@@ -52,6 +56,9 @@ def describe_plan(config: SweepConfig, datasets: dict[str, FeatureSet], pairs: d
     for pair in pairs.values():
         lines.append(f"  {pair.name:<{width}}  study optuna/{pair.name}.db  {budget.trials_per_pair} trials  valid {pair.metric} "
                      f"({pair.mode})")
+    for study in earlier:
+        lines.append(f"warm start     {study.label}: {len(study.trials)} scored trials of {study.model}"
+                     + ("" if study.facts else " (no task recorded: its best configs are queued)"))
     shape = trial_shape(resources)
     per_worker = ", ".join(f"{amount:g} {name}" for name, amount in shape.per_worker.items())
     lines.append(f"trial shape    {shape.workers} worker(s) of {per_worker}"

@@ -166,10 +166,12 @@ class PairScheduler(FIFOScheduler):
         return "\n".join(f"{pair}: {scheduler.debug_string()}" for pair, scheduler in self.schedulers.items())
 
 
-def pair_scheduler(kind: Literal["asha", "none"], *, metric: str, mode: str, max_t: int, grace_period: int,
-                   reduction_factor: int) -> TrialScheduler:
-    """One pair's scheduler; `metric` is what its trials report (``best_valid_<metric>``)."""
+def pair_scheduler(kind: Literal["asha", "none"], *, metric: str, mode: str, unit: Literal["epochs", "seconds"],
+                   max_t: float, grace_period: int, reduction_factor: int) -> TrialScheduler:
+    """One pair's scheduler; `metric` is what its trials report (``best_valid_<metric>``), `unit`
+    what ASHA's rungs, `grace_period` and `max_t` count: a trial's epochs, or its training
+    seconds (Tune's ``time_total_s``, restored with its checkpoint)."""
     if kind == "none":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max_t, grace_period=grace_period,
-                         reduction_factor=reduction_factor)
+    return ASHAScheduler(time_attr="epoch" if unit == "epochs" else "time_total_s", metric=metric, mode=mode,
+                         max_t=max_t, grace_period=grace_period, reduction_factor=reduction_factor)

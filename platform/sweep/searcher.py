@@ -29,6 +29,7 @@ from msa.platform.core.compat import (
     stored_trial,
 )
 from msa.platform.tracking.client import TRIAL_TAG
+from msa.platform.sweep.warm_start import own_trials
 from msa.platform.tracking.runs import failure_reason
 
 
@@ -60,8 +61,9 @@ class PruningAwareOptunaSearch(OptunaSearch):
             trials[trial_id] = live_trial(study, storage_id(orphan))
             trials[trial_id].set_user_attr(TRIAL_TAG, trial_id)
             return unflatten_dict(orphan.params)
-        # A WAITING trial is one queued to be asked next (the model's defaults): not yet one of the budget's.
-        if len(study.get_trials(deepcopy=False, states=ASKED)) >= self.budget:
+        # A WAITING trial is one queued to be asked next (the model's defaults): not yet one of the
+        # budget's; nor are trials carried from earlier sweeps.
+        if len(own_trials(study, ASKED)) >= self.budget:
             return Searcher.FINISHED  # the study holds the budget, some trials finished unknown to Tune's state
         suggestion = super().suggest(trial_id)
         if trial_id in trials:  # link the study's record to the Ray trial and its folder

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from msa.platform.core.files import atomic_write
 from msa.platform.core.metrics import METRIC_MODES, loss_of
 from msa.platform.core.run_dir import RunDir
+from msa.platform.sweep.warm_start import own_trials
 from msa.platform.tracking.client import TRIAL_TAG
 from msa.platform.training.checkpoint import SeedGroup
 
@@ -45,9 +46,9 @@ class PairSummary:
 
 
 def summarize_study(study, *, run_dir: RunDir, pair: str, model: str, dataset: str, metric: str) -> PairSummary:
-    """Counts and the best trial of `study` (a PRUNED trial's value is its last, best-so-far
-    intermediate value, so it competes too)."""
-    trials = study.get_trials(deepcopy=False)
+    """Counts and the best trial of `study`, among this sweep's own (a PRUNED trial's value is
+    its last, best-so-far intermediate value, so it competes too)."""
+    trials = own_trials(study)
     counts = {state: sum(t.state == state for t in trials) for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     scored = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.value is not None]
     best = min(scored, key=lambda t: loss_of(metric, t.value)) if scored else None

@@ -87,6 +87,11 @@ class SweepTracking:
                              dataset_source=str(Path(dataset.source).resolve()),
                              dataset_fingerprint=dataset.fingerprint), closed
 
+    def tag_study(self, tracking: TrialTracking, tags: dict[str, str]) -> None:
+        """Tags on the study's run (a warm start's sources)."""
+        for key, value in tags.items():
+            self.client.set_tag(tracking.study_run_id, key, value)
+
     def _close_left_open(self, pair: str, study) -> None:
         """Close the trial runs a killed driver left RUNNING: a trial that finished unknown to the
         restored Tune run is closed with its outcome; one the study handed to a new Ray trial,

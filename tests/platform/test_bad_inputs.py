@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 from tiny_encoder import write_tiny_bert
 
@@ -103,6 +104,14 @@ def bert_ids_only_pkl(folder: Path) -> str:
     return "bert_ids.pkl"
 
 
+def tfn_run_dir(folder: Path) -> str:
+    """An earlier sweep's run directory holding a study of TFN only."""
+    (folder / "tfn-old" / "optuna").mkdir(parents=True)
+    (folder / "tfn-old" / "sweep.yaml").write_text("name: old\n")
+    optuna.create_study(study_name="tfn-x", storage=f"sqlite:///{folder / 'tfn-old' / 'optuna' / 'tfn-x.db'}")
+    return "tfn-old"
+
+
 # (id, build(folder) -> argv, the message must match this)
 CASES = [
     # text encoders
@@ -143,6 +152,12 @@ CASES = [
      r"budget\.seeds_per_trial must be >= 1, got -2"),
     ("resume-not-a-run-directory", lambda f: ["sweep", "--resume", "elsewhere"], r"elsewhere is not a sweep run directory"),
     ("run-config-missing", lambda f: ["run", "nope.yaml"], r"config file not found: nope\.yaml"),
+    ("warm-start-not-a-run-directory", lambda f: ["sweep", write(f, "s.yaml", SWEEP + "search: {warm_start: [old]}\n")],
+     r"search\.warm_start: old is not a sweep run directory"),
+    ("warm-start-of-another-model", lambda f: ["sweep", write(f, "s.yaml", SWEEP + f"search: {{warm_start: [{tfn_run_dir(f)}]}}\n")],
+     r"search\.warm_start: .*tfn-old holds no study of baseline \(its studies: tfn-x\)"),
+    ("warm-start-top-k-zero", lambda f: ["sweep", write(f, "s.yaml", SWEEP), "search.warm_start_top_k=0"],
+     r"search\.warm_start_top_k must be >= 1"),
     ("config-train-sets-a-sweep-owned-key", lambda f: ["sweep", write(f, "s.yaml", SWEEP + "train: {selection_metric: corr}\n")],
      r"train\.selection_metric is set by the sweep itself"),
     # a model that needs more modalities than the data has: refused before Ray starts

@@ -309,6 +309,24 @@ def test_a_pair_out_of_time_ends_its_study_and_lets_its_running_seed_group_finis
     assert versions[0].tags["seeds"] == "0,1" and versions[0].tags["ray_trial_id"] == group.folder.name
 
 
+def test_asha_in_training_seconds_stops_every_trial_at_its_maximum_in_seconds(ray_runtime, mlflow_client, tmp_path):
+    """`budget_unit: seconds`: ASHA counts Tune's `time_total_s`. With 500 epochs allowed and a
+    maximum of 10 training seconds (Tune counts the first epoch's set-up in), the trial (alone in
+    its rungs, so only the maximum can stop it) is stopped by the first epoch that ends past 10 s,
+    long before its epochs run out, and Optuna records it as stopped by the scheduler."""
+    config = sweep_config(tmp_path, name="seconds", datasets=[str(synth_data(tmp_path, "seconds"))],
+                          train={"patience": 500}, budget={"trials_per_pair": 1, "max_epochs": 500, "max_trial_seconds": 10},
+                          search={"scheduler": "asha", "budget_unit": "seconds", "grace_period": 1},
+                          tracking={"uri": mlflow_client.tracking_uri})
+    (row,) = run_sweep(config).pairs  # its own sweep: a scheduler counting seconds is what it tests
+    (run_dir,) = (tmp_path / "sweeps").glob("seconds-*")
+    (results,) = [[json.loads(line) for line in path.read_text().splitlines()]
+                  for path in RunDir(run_dir).tune_experiment.glob("*/result.json")]
+    assert row.trials == row.pruned == 1
+    assert results[-1]["time_total_s"] >= 10 > max(result["time_total_s"] for result in results[:-1])
+    assert results[-1]["epoch"] == len(results) < 500
+
+
 def test_failing_trials_are_retried_then_recorded_as_failed_and_the_sweep_goes_on(ray_runtime, mlflow_client, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: categorical, choices: [1.0e-3, 1.0e+30]}  # 1e30: the loss is NaN in epoch 1\n")

@@ -79,11 +79,30 @@ def tune_trial(pair: str) -> Trial:
     return Trial("run_trial", config={PAIR_KEY: pair}, stub=True)
 
 
+def test_asha_in_seconds_judges_trials_by_their_training_seconds_not_their_epochs():
+    """With `budget_unit: seconds` the first rung is at the grace period in training seconds: a
+    cheap config (1 s an epoch) is judged after its 10th epoch, a dear one (10 s an epoch) after
+    its first; both are stopped at the maximum in seconds, whatever their epoch."""
+    asha = pair_scheduler("asha", metric="best_valid_mae", mode="min", unit="seconds", max_t=40, grace_period=10,
+                          reduction_factor=2)
+    dear, cheap, weak = tune_trial(A), tune_trial(A), tune_trial(A)
+    for trial in (dear, cheap, weak):
+        asha.on_trial_add(None, trial)
+    assert asha.on_trial_result(None, dear, {"epoch": 1, "time_total_s": 10.0, "best_valid_mae": 0.5}) == TrialScheduler.CONTINUE
+    for epoch in range(1, 10):  # below the first rung: never judged
+        assert asha.on_trial_result(None, cheap, {"epoch": epoch, "time_total_s": float(epoch), "best_valid_mae": 0.9}) \
+            == TrialScheduler.CONTINUE
+    # Its 10th epoch reaches the rung, where the dear trial's 0.5 beats its 0.9 (half of them go on).
+    assert asha.on_trial_result(None, cheap, {"epoch": 10, "time_total_s": 10.0, "best_valid_mae": 0.9}) == TrialScheduler.STOP
+    assert asha.on_trial_result(None, weak, {"epoch": 40, "time_total_s": 9.9, "best_valid_mae": 0.4}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, dear, {"epoch": 4, "time_total_s": 40.0, "best_valid_mae": 0.3}) == TrialScheduler.STOP
+
+
 def test_asha_of_one_pair_never_compares_its_trials_with_another_pairs():
     """Pair B's trials score far worse than A's. Under one ASHA, B's first trial would be stopped
     at the first rung; per pair, it is the first of its own rung and goes on, and each pair's
     rungs hold only its own trials."""
-    schedulers = {pair: pair_scheduler("asha", metric="best_valid_mae", mode="min", max_t=4, grace_period=1,
+    schedulers = {pair: pair_scheduler("asha", metric="best_valid_mae", mode="min", unit="epochs", max_t=4, grace_period=1,
                                        reduction_factor=2) for pair in (A, B)}
     scheduler = PairScheduler(schedulers)
     a_trials, b_trial = [tune_trial(A) for _ in range(3)], tune_trial(B)
@@ -93,7 +112,7 @@ def test_asha_of_one_pair_never_compares_its_trials_with_another_pairs():
         scheduler.on_trial_result(None, trial, {"epoch": 1, "best_valid_mae": value})
     assert scheduler.on_trial_result(None, b_trial, {"epoch": 1, "best_valid_mae": 9.0}) == TrialScheduler.CONTINUE
     # The same result under a single ASHA over all four trials is stopped:
-    single = pair_scheduler("asha", metric="best_valid_mae", mode="min", max_t=4, grace_period=1, reduction_factor=2)
+    single = pair_scheduler("asha", metric="best_valid_mae", mode="min", unit="epochs", max_t=4, grace_period=1, reduction_factor=2)
     for trial in [*a_trials, b_trial]:
         single.on_trial_add(None, trial)
     for value, trial in zip((0.1, 0.2, 0.15), a_trials):
