@@ -62,8 +62,12 @@ def main() -> None:
 
     ray.init(resources={TRIAL_SLOT: args.concurrent}, dashboard_host="127.0.0.1", logging_level="WARNING")
     try:
-        runs = [one_sweep(args.data.resolve(), model, seed, first, args)
-                for model in args.models for seed in args.seeds for first in ARMS.values()]
+        runs = []
+        for model in args.models:
+            for seed in args.seeds:
+                for first in ARMS.values():
+                    runs.append(one_sweep(args.data.resolve(), model, seed, first, args))
+                    print(json.dumps(runs[-1]), flush=True)  # kept if the run is stopped
     finally:
         ray.shutdown()
     summary = {}

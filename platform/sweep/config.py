@@ -64,8 +64,7 @@ class SearchConfig:
         reduction_factor: ASHA's rung ratio.
         spaces: per model, a search-space YAML to use instead of `search_spaces/<model>.yaml`.
         defaults_first: a new study's first trial is the model's default config, clipped into
-            its search space (false: every trial is the sampler's). A warm start that queues
-            configs replaces it.
+            its search space (false: every trial is the sampler's). A warm start replaces it.
         warm_start: earlier sweeps' run directories; each new study learns from their studies of
             the same model: on the same task (dataset SHA-256, selection metric, text input) their
             finished trials are added as evaluated trials the sampler reads (they count neither

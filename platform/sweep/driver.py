@@ -282,9 +282,9 @@ class SweepSession:
             defaults = self.spaces[model].default_point(base)
             warm = plan_warm_start(self.earlier, task, self.spaces[model], defaults, top_k=config.search.warm_start_top_k,
                                    budget=config.budget.trials_per_pair) if new_study else WarmStart()
-            # Unless a warm start queues its own, a new study's first trial is the model's default
-            # config, so that a small budget never ends below the defaults.
-            first = warm.queued or ([defaults] if new_study and config.search.defaults_first else None)
+            # Without a warm start, a new study's first trial is the model's default config, so that a
+            # small budget never ends below the defaults.
+            first = warm.queued or ([defaults] if new_study and config.search.defaults_first and not warm else None)
             searchers[pair] = PruningAwareOptunaSearch(
                 space=self.spaces[model].optuna_space(), metric=context.tune_metric, mode=mode,
                 sampler=sampler_class(seed=config.search.seed), study_name=pair, storage=storage,

@@ -136,7 +136,7 @@ class WarmStart:
 def plan_warm_start(earlier: list[EarlierStudy], facts: TaskFacts, space: SearchSpace, default_point: dict[str, Any],
                     *, top_k: int, budget: int) -> WarmStart:
     """What the new study of `facts` (searching `space`) gets from `earlier` (see the module
-    docstring); at most `budget` configs are queued, the best studies' first."""
+    docstring); at most `budget` configs are queued, in the order of `earlier`."""
     distributions = space.optuna_space()
     params = {p.name.replace(".", NAME_SEPARATOR): p for p in space.params if p.type != "fixed"}
     warm = WarmStart()

@@ -18,7 +18,11 @@ from msa.ensembles.members import sweep_candidates
 from msa.platform.cli import main
 from msa.platform.core.errors import MsaError
 from msa.platform.core.run_dir import LAYOUT, RunDir
+from msa.platform.data.synth import synthesize
+from msa.platform.sweep.config import load_sweep_config
+from msa.platform.sweep.driver import trial_param_space
 from msa.platform.sweep.search_space import load_search_space
+from msa.platform.training.config import resolve_config
 from msa.platform.sweep.warm_start import (
     CARRIED_ATTR,
     FACTS_ATTR,
@@ -155,6 +159,11 @@ def test_a_sweep_warm_started_from_the_reference_sweep(reference_sweep, mlflow_s
     assert same.user_attrs[FACTS_ATTR]["dataset_sha256"] == reference.user_attrs[FACTS_ATTR]["dataset_sha256"]
     assert f"[baseline-{reg_name}] warm start from {reference_sweep.run_dir}:baseline-{reg_name}: 3 trials carried" \
         in "\n".join(warm.console)
+    space = load_search_space("baseline")
+    trial_config = trial_param_space(load_sweep_config(warm.run_dir / "sweep.yaml"), space, "baseline",
+                                     synthesize("regression", seed=0, sizes={"train": 8, "valid": 4, "test": 4}), "mae")
+    defaults = space.default_point(resolve_config({**trial_config, "data": "unused", "out": "unused"}))
+    assert all(t.params != defaults for t in own_trials(same))  # the warm start replaces the defaults-first trial
 
     fresh = new["baseline-fresh"]
     best = min((t for t in reference.trials if t.value is not None and not math.isnan(t.value)), key=lambda t: t.value)
