@@ -136,14 +136,14 @@ def test_a_warm_start_that_cannot_be_read_is_refused(tmp_path, make, message):
 
 
 def test_a_sweep_warm_started_from_the_reference_sweep(reference_sweep, mlflow_server, mlflow_client, tmp_path):
-    """Baseline on the reference sweep's regression file (same SHA-256, metric and text input:
-    its 3 trials are carried) and on the built-in regression set (other data: the reference
-    study's best config is queued first). Each study holds its budget of own trials, which alone
+    """Baseline on the reference sweep's regression file under another name (same SHA-256,
+    metric and text input: its 3 trials are carried; the name is not compared) and on the
+    built-in regression set (other data: the reference study's best config is queued first). Each study holds its budget of own trials, which alone
     are summarised, registered and ensemble candidates; its MLflow run and the console say what
     was carried and from where."""
     reg_name, reg_path = next(iter(reference_sweep.data.items()))
     config = sweep_config(tmp_path, name="warm", models=["baseline"],
-                          datasets={reg_name: str(reg_path), "fresh": "synth_regression"},
+                          datasets={"same": str(reg_path), "fresh": "synth_regression"},
                           budget={"trials_per_pair": 2, "max_epochs": 2},
                           search={"seed": 5, "warm_start": [str(reference_sweep.run_dir)], "warm_start_top_k": 1},
                           resources={"max_concurrent_trials": 2}, tracking={"uri": mlflow_server.uri})
@@ -151,13 +151,13 @@ def test_a_sweep_warm_started_from_the_reference_sweep(reference_sweep, mlflow_s
     reference = studies(reference_sweep.run_dir)[f"baseline-{reg_name}"]
     new = studies(warm.run_dir)
 
-    same = new[f"baseline-{reg_name}"]
+    same = new["baseline-same"]
     carried = [t for t in same.trials if CARRIED_ATTR in t.user_attrs]
     assert [(t.state, t.value, t.params) for t in carried] == \
         [(t.state, t.value, t.params) for t in reference.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(carried) == 3 and len(own_trials(same)) == 2  # the budget is counted on the sweep's own trials
     assert same.user_attrs[FACTS_ATTR]["dataset_sha256"] == reference.user_attrs[FACTS_ATTR]["dataset_sha256"]
-    assert f"[baseline-{reg_name}] warm start from {reference_sweep.run_dir}:baseline-{reg_name}: 3 trials carried" \
+    assert f"[baseline-same] warm start from {reference_sweep.run_dir}:baseline-{reg_name}: 3 trials carried" \
         in "\n".join(warm.console)
     space = load_search_space("baseline")
     trial_config = trial_param_space(load_sweep_config(warm.run_dir / "sweep.yaml"), space, "baseline",
@@ -175,12 +175,12 @@ def test_a_sweep_warm_started_from_the_reference_sweep(reference_sweep, mlflow_s
     assert {row.trials for row in warm.pairs} == {2}
     assert all(Path(row.best_checkpoint).name in own_ids for row in warm.pairs)
     assert sorted(c.trial_id for c in sweep_candidates(warm.run_dir)) == sorted(own_ids)
-    (registered,) = [v for v in versions_of(mlflow_client, f"msa-baseline-{reg_name}")
-                     if v.tags[RUN_DIR_TAG] == str(warm.run_dir)]
+    # Its own registered names: the session server's other tests read msa-baseline-<reg_name>.
+    (registered,) = [v for v in versions_of(mlflow_client, "msa-baseline-same") if v.tags[RUN_DIR_TAG] == str(warm.run_dir)]
     assert registered.tags[TRIAL_TAG] in {t.user_attrs[TRIAL_TAG] for t in own_trials(same)}
     (study_run,) = mlflow_client.search_runs(
         [mlflow_client.get_experiment_by_name(warm.run_dir.name).experiment_id],
-        filter_string=f"tags.`{ROLE_TAG}` = 'study' and tags.`{PAIR_TAG}` = 'baseline-{reg_name}'")
+        filter_string=f"tags.`{ROLE_TAG}` = 'study' and tags.`{PAIR_TAG}` = 'baseline-same'")
     assert study_run.data.tags["msa.warm_start.carried"] == "3"
     assert str(reference_sweep.run_dir) in study_run.data.tags["msa.warm_start.from"]
 
