@@ -170,7 +170,7 @@ def pair_scheduler(kind: Literal["asha", "none"], *, metric: str, mode: str, uni
                    max_t: float, grace_period: int, reduction_factor: int) -> TrialScheduler:
     """One pair's scheduler; `metric` is what its trials report (``best_valid_<metric>``), `unit`
     what ASHA's rungs, `grace_period` and `max_t` count: a trial's epochs, or its training
-    seconds (Tune's ``time_total_s``, restored with its checkpoint)."""
+    seconds (Tune's ``time_total_s``, which counts the first epoch's set-up in)."""
     if kind == "none":
         return FIFOScheduler()
     return ASHAScheduler(time_attr="epoch" if unit == "epochs" else "time_total_s", metric=metric, mode=mode,
