@@ -1,12 +1,14 @@
-"""The champion policy: its decision (`aliases.decide`) on the standings registration tags give
-(a version becomes champion only by beating the champion on valid, on the same data and
-metric), then real sweeps on real Ray registering into one MLflow server one after another
+"""The champion policy: the champion as a function of all versions' standings (`champion_of`,
+`reason_for`: the best on valid among versions of the same data and metric, a promotion by hand
+standing until a later version beats it), then real sweeps on real Ray registering into one MLflow server one after another
 (a first, a weaker, a stronger, one on other data), `msa registry --dataset` ranking them and
 `msa registry promote` moving champion by hand, and refusing bad promotions."""
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -16,15 +18,21 @@ from msa.platform.cli import main
 from msa.platform.data.readers import write_npz
 from msa.platform.data.synth import synthesize
 from msa.platform.sweep.driver import run_sweep
-from msa.platform.tracking.aliases import CHALLENGER, CHAMPION, REASON_TAG, REPLACED_TAG, Standing, dataset_of, decide
+from msa.platform.tracking.aliases import (CHALLENGER, CHAMPION, REASON_TAG, REPLACED_TAG, Standing, champion_of, dataset_of,
+                                           reason_for, standings)
 from msa.platform.tracking.registry import register_checkpoint
 
 NAME = "msa-fine-mosi_lite"
+FINGERPRINT = "f" * 64
 
 
-def standing(version: str, score: float | None, *, metric: str = "mae", fingerprint: str = "a" * 64,
-             dataset: str = "mosi_lite") -> Standing:
-    return Standing(version=version, dataset=dataset, fingerprint=fingerprint, metric=metric, score=score)
+def standing(version: str, score: float | None, *, metric: str = "mae", fingerprint: str = FINGERPRINT,
+             dataset: str = "mosi_lite", **promotion) -> Standing:
+    return Standing(version=version, dataset=dataset, fingerprint=fingerprint, metric=metric, score=score, **promotion)
+
+
+def winner(*listed: Standing) -> str:
+    return champion_of(NAME, list(listed)).version
 
 
 def test_the_dataset_is_the_last_part_of_a_registered_name():
@@ -34,19 +42,23 @@ def test_the_dataset_is_the_last_part_of_a_registered_name():
 
 
 def test_the_first_version_is_champion_and_a_later_one_only_by_beating_it():
-    assert decide(NAME, standing("1", 0.9), None)[0] == CHAMPION
-    alias, reason = decide(NAME, standing("2", 0.95), standing("1", 0.9))
-    assert alias == CHALLENGER and "does not beat" in reason and "0.95" in reason and "0.9 " in reason
-    assert decide(NAME, standing("2", 0.9), standing("1", 0.9))[0] == CHALLENGER  # a tie does not beat it
-    alias, reason = decide(NAME, standing("2", 0.85), standing("1", 0.9))
-    assert alias == CHAMPION and "beats the champion" in reason and "lower is better" in reason
+    first = standing("1", 0.9)
+    assert winner(first) == "1" and reason_for(NAME, first, [first]) == f"no champion of {NAME} to beat"
+    weaker = standing("2", 0.95)
+    assert winner(first, weaker) == "1"
+    reason = reason_for(NAME, weaker, [first, weaker])
+    assert reason == "does not beat the champion: valid mae 0.95 against 0.9 of champion version 1 (lower is better)"
+    assert winner(first, standing("2", 0.9)) == "1"  # a tie does not beat it
+    stronger = standing("2", 0.85)
+    assert winner(first, stronger) == "2"
+    assert reason_for(NAME, stronger, [first, stronger]).startswith("beats the champion: valid mae 0.85 against 0.9 of")
 
 
 def test_a_higher_is_better_metric_and_undefined_scores():
-    assert decide(NAME, standing("2", 80.0, metric="acc2"), standing("1", 75.0, metric="acc2"))[0] == CHAMPION
-    assert decide(NAME, standing("2", 70.0, metric="acc2"), standing("1", 75.0, metric="acc2"))[0] == CHALLENGER
-    assert decide(NAME, standing("2", None), standing("1", 0.9))[0] == CHALLENGER
-    assert decide(NAME, standing("2", 0.9), standing("1", None))[0] == CHAMPION
+    assert winner(standing("1", 75.0, metric="acc2"), standing("2", 80.0, metric="acc2")) == "2"
+    assert winner(standing("1", 75.0, metric="acc2"), standing("2", 70.0, metric="acc2")) == "1"
+    assert winner(standing("1", 0.9), standing("2", None)) == "1"
+    assert winner(standing("1", None), standing("2", 0.9)) == "2"
 
 
 @pytest.mark.parametrize(("new", "why"), [
@@ -54,13 +66,52 @@ def test_a_higher_is_better_metric_and_undefined_scores():
     (standing("2", 0.1, metric="corr"), "selected on valid corr"),
 ])
 def test_versions_of_other_data_or_another_metric_are_not_compared(new, why):
-    alias, reason = decide(NAME, new, standing("1", 0.9))
-    assert alias == CHALLENGER and reason.startswith("not compared") and why in reason
+    listed = [standing("1", 0.9), new]
+    reason = reason_for(NAME, new, listed)
+    assert winner(*listed) == "1" and reason.startswith("not compared with champion version 1") and why in reason
 
 
 def test_a_model_of_another_dataset_is_never_champion():
-    alias, reason = decide(NAME, standing("1", 0.1, dataset="sims"), None)
-    assert alias == CHALLENGER and "model of dataset sims" in reason
+    foreign = standing("1", 0.1, dataset="sims")
+    assert champion_of(NAME, [foreign]) is None
+    assert reason_for(NAME, foreign, [foreign]) == f"never champion: it is a model of dataset sims, registered under {NAME}"
+
+
+def test_the_champion_is_the_same_whatever_order_the_versions_are_listed_in():
+    rng = random.Random(0)
+    listed = [standing(str(n), round(rng.uniform(0.7, 0.9), 2)) for n in range(1, 30)]
+    expected = min(listed, key=lambda s: (s.score, s.number)).version
+    for _ in range(20):
+        rng.shuffle(listed)
+        assert winner(*listed) == expected
+
+
+def test_a_promotion_stands_until_a_version_registered_after_it_beats_it():
+    best, promoted = standing("2", 0.80), standing("3", 0.90, promotion=1, promoted_over=4)
+    before = [standing("1", 0.85), best, promoted, standing("4", 0.82)]
+    assert winner(*before) == "3"  # versions 1, 2 and 4 beat it but were there when it was promoted
+    assert "version 3 was promoted by hand over every version up to 4" in reason_for(NAME, before[0], before)
+    weaker = standing("5", 0.95)
+    assert winner(*before, weaker) == "3"
+    assert reason_for(NAME, weaker, [*before, weaker]).startswith("does not beat the champion: valid mae 0.95 against 0.9 ")
+    assert winner(*before, weaker, standing("6", 0.89)) == "6"
+    # the last promotion counts, and promoting a version of other data moves the line to that data
+    other = standing("7", 0.99, fingerprint="b" * 64, promotion=2, promoted_over=7)
+    assert winner(*before, weaker, other, standing("8", 0.5)) == "7"
+    assert winner(*before, weaker, other, standing("8", 0.5, fingerprint="b" * 64)) == "8"
+
+
+def test_a_promotion_recorded_before_promoted_over_existed_counts_the_versions_created_by_its_time():
+    def version(number: int, created_s: int, score: float, **tags) -> SimpleNamespace:
+        return SimpleNamespace(version=str(number), creation_timestamp=created_s * 1000, tags={
+            "dataset": "mosi_lite", "dataset_fingerprint": FINGERPRINT, "selection_metric": "mae",
+            "valid_mae": str(score), **tags})
+
+    promoted_at = 1_700_000_100  # 2023-11-14T22:15:00Z
+    listed = standings(NAME, [version(1, 1_700_000_000, 0.9, **{"msa.promoted_at": "2023-11-14T22:15:00Z"}),
+                              version(2, 1_700_000_050, 0.8), version(3, promoted_at + 60, 0.85)])
+    assert [s.promoted_over for s in listed] == [2, 0, 0]
+    assert champion_of(NAME, listed).version == "3"  # 2 was there when 1 was promoted; 3 came later and beats 1
 
 
 NAMED = "msa-baseline-aliased"
