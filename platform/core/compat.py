@@ -62,6 +62,17 @@ def forget_missing_checkpoint(trial) -> str | None:
     return latest.checkpoint.path
 
 
+def unregistered_checkpoints(trial) -> list[Path]:
+    """The ``checkpoint_*`` folders of a Tune trial newer than the last one Tune registered: what
+    an upload that failed half-way (a full disk) leaves. Tune never reads them; a retry would
+    upload into the same folder over what is there."""
+    manager = trial.run_metadata.checkpoint_manager
+    latest = manager.latest_checkpoint_result
+    newest = Path(latest.checkpoint.path).name if latest is not None else ""
+    folder = Path(trial.storage.trial_fs_path)
+    return sorted(path for path in folder.glob("checkpoint_*") if path.is_dir() and path.name > newest)
+
+
 def autoscaler_node_groups() -> list:
     """The node groups of the cluster config the autoscaler registered (empty when none)."""
     from ray._private.state import state

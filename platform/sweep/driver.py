@@ -46,6 +46,7 @@ from msa.platform.sweep.cluster import (
     trial_shape,
 )
 from msa.platform.sweep.config import SweepConfig
+from msa.platform.sweep.disk_full import DiskFullStop, SpaceReserve
 from msa.platform.sweep.pairs import check_models_fit_data, load_datasets, saved_builtin, sweep_pairs
 from msa.platform.sweep.plan import describe_plan
 from msa.platform.sweep.schedule import MatrixSearch, PairScheduler, pair_scheduler
@@ -64,6 +65,7 @@ class SweepInterrupted(MsaError):
     """The user stopped the sweep; its state is saved and `msa sweep --resume` continues it."""
 
     exit_code = 130
+    resumable = True
 
 
 def run_sweep(config: SweepConfig, *, resume_dir: Path | None = None, address: str | None = None,
@@ -113,6 +115,7 @@ class SweepSession:
         # A resumed sweep's studies hold what they carried when they were made.
         self.earlier = [] if self.resuming else read_earlier_studies(config.search.warm_start, config.models)
         self.server: MlflowServer | None = None
+        self.reserve: SpaceReserve | None = None
         self._trials_queued = False  # until then, a new sweep that is refused leaves no run directory behind
 
     def plan(self) -> str:
@@ -129,6 +132,8 @@ class SweepSession:
         try:
             if self.run_dir is None:
                 self.run_dir = _make_run_dir(self.config)
+            self.reserve = SpaceReserve(self.run_dir)
+            self.reserve.hold()
             where = {given or source: source for given, source in self.config.dataset_entries()}
             self.datasets = {name: dataset if dataset.source else saved_builtin(dataset, where[name], self.run_dir)
                              for name, dataset in self.datasets.items()}
@@ -143,6 +148,8 @@ class SweepSession:
     def __exit__(self, *exc) -> None:
         if self.server is not None:
             self.server.stop()
+        if self.reserve is not None:
+            self.reserve.release()
         if not self.resuming and not self._trials_queued and self.run_dir is not None:
             shutil.rmtree(self.run_dir.root, ignore_errors=True)
             for folder in self._new_folders:  # the storage folders this sweep created, if still empty
@@ -220,7 +227,8 @@ class SweepSession:
             def close_when_done(pair: str) -> None:
                 summaries[pair] = closer.submit(self._close_study, pair, contexts[pair], tracking)
 
-            callbacks = [SweepConsole(plans),
+            disk_full = DiskFullStop(self.run_dir, self.reserve, tracking.uri)
+            callbacks = [SweepConsole(plans), disk_full,
                          TrialRunCloser({p: c.tracking for p, c in contexts.items()}, self.run_dir, close_trial),
                          StudyWatcher(plans, self.run_dir, close_when_done, closed),
                          *([LostCheckpoints()] if self.resuming else [])]
@@ -233,6 +241,7 @@ class SweepSession:
                 tuner.fit()
         for future in trial_closes:
             future.result()  # raise what a close raised
+        disk_full.raise_if_stopped(self.run_dir)
         done, unfinished = {}, []
         for pair, context in contexts.items():
             if pair in summaries:
@@ -358,8 +367,8 @@ def _restored_tuner(experiment: Path, trainable, callbacks: list, verbose: int) 
     # The saved run config holds the callbacks pickled at the first start (a stale tracking
     # server address, no driver to close studies): this start's replace them.
     run_config = restored_run_config(tuner)
-    run_config.callbacks = [c for c in run_config.callbacks
-                            if not isinstance(c, (SweepConsole, TrialRunCloser, StudyWatcher, LostCheckpoints))] + callbacks
+    ours = (SweepConsole, TrialRunCloser, StudyWatcher, LostCheckpoints, DiskFullStop)
+    run_config.callbacks = [c for c in run_config.callbacks if not isinstance(c, ours)] + callbacks
     run_config.verbose = verbose
     return tuner
 

@@ -41,7 +41,8 @@ STUDY_OUTCOMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", 
 
 class SweepTracking:
     """The experiment (named after the run directory) and its sweep run. Use as a context
-    manager: the sweep run and any study run left open end FINISHED, KILLED (Ctrl-C) or FAILED."""
+    manager: the sweep run and any study run left open end FINISHED, KILLED (a resumable stop:
+    Ctrl-C, a full disk) or FAILED."""
 
     def __init__(self, uri: str, run_dir: RunDir, sweep_config: dict[str, Any]):
         self.uri, self.run_dir, self.sweep_config = uri, run_dir, sweep_config
@@ -61,7 +62,7 @@ class SweepTracking:
     def __exit__(self, kind, error, trace) -> None:
         """End the sweep run, and a study run left open by an interruption or error, alike."""
         status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) or \
-            getattr(error, "exit_code", None) == 130 else "FAILED"
+            getattr(error, "resumable", False) else "FAILED"
         for study in find_runs(self.client, self.experiment_id, {ROLE_TAG: "study"}):
             if study.info.status == "RUNNING":
                 self.client.set_terminated(study.info.run_id, status=status)
