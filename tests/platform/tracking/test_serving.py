@@ -1,10 +1,11 @@
 """A registered model without msa-sweep, on the session's reference sweep (conftest.py): what it
 carries (its serving code only, exact requirements), loading it in a process where ``import
 msa`` fails, and ``mlflow models serve --env-manager local`` answering ``/invocations`` with
-exactly `msa predict`'s predictions. Seed groups, ensembles and raw-text encoder models are
+exactly `msa predict`'s predictions, also to requests sent at once. Seed groups, ensembles and raw-text encoder models are
 served in the tests that register them (test_seed_groups, test_build, test_text_encoder_sweep)."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -51,13 +52,19 @@ def test_mlflow_models_serve_answers_invocations_with_msa_predicts_predictions(s
     clean_env.forget_guarded_imports()
     data = sweep["data"]
     inputs = serving_inputs(MODEL_URI, sweep["uri"], data, "test")
+    batches = [{name: value[k * 4:(k + 1) * 4] for name, value in inputs.items()} for k in range(8)] * 4
     with served(clean_env, MODEL_URI, sweep["uri"], cwd=tmp_path) as base:
         answered = invoke(base, invocations_body(inputs))
         again = invoke(base, invocations_body({name: value[:5] for name, value in inputs.items()}))
+        with ThreadPoolExecutor(max_workers=8) as clients:  # 32 requests from 8 clients at once
+            at_once = list(clients.map(lambda batch: invoke(base, invocations_body(batch)), batches))
     expected = msa_predictions(MODEL_URI, sweep["uri"], data, "test", out=tmp_path / "msa_predict.csv")
     assert np.array_equal(answered, expected)
     # a request of other clips is what msa predicts for those clips (msa predict reads whole
     # splits; a batch's float sums, hence its last bits, depend on the rows it holds)
     first_five = {name: value[:5] for name, value in inputs.items()}
-    assert np.array_equal(again, load_registered(MODEL_URI, sweep["uri"]).predict(first_five).astype(np.float64))
+    model = load_registered(MODEL_URI, sweep["uri"])
+    assert np.array_equal(again, model.predict(first_five).astype(np.float64))
+    for batch, answer in zip(batches, at_once, strict=True):  # no answer mixed up between requests
+        assert np.array_equal(answer, model.predict(batch).astype(np.float64))
     assert clean_env.guarded_imports() == []
