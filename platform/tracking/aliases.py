@@ -25,6 +25,7 @@ import getpass
 import math
 import socket
 import time
+import dataclasses
 from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
@@ -105,8 +106,8 @@ def standings(name: str, versions) -> list[Standing]:
     for s in listed:
         if s.promotion and not s.promoted_over:
             at = calendar.timegm(time.strptime(s.promoted_at, "%Y-%m-%dT%H:%M:%SZ"))
-            s = Standing(**{**s.__dict__, "promoted_over": max(
-                [o.number for o in listed if created[o.version] <= (at + 1) * 1000] + [s.number])})
+            s = dataclasses.replace(s, promoted_over=max(
+                [o.number for o in listed if created[o.version] <= (at + 1) * 1000] + [s.number]))
         out.append(s)
     return out
 

@@ -62,15 +62,16 @@ def fill_after_first_checkpoint(disk: Path, ballast: Path) -> threading.Thread:
     return filler
 
 
-def test_a_sweep_refuses_a_disk_without_room_for_its_reserve_and_the_driver_stops_on_a_disk_that_stays_full(small_disk):
-    run_dir = RunDir(small_disk / "run")
-    run_dir.root.mkdir()
+def test_a_sweep_refuses_a_disk_without_room_for_its_reserve_and_the_driver_stops_on_a_disk_that_stays_full(
+        small_disk, tmp_path):
     fill(small_disk, small_disk / "ballast", RESERVE_BYTES // 2)
     with pytest.raises(MsaError, match=r"has 8\.\d MiB free; a sweep holds 16 MiB there"):
-        SpaceReserve(run_dir).hold()
-    assert not (run_dir.root / RESERVE_FILE).exists()
+        run_sweep(sweep_config(tmp_path, storage=str(small_disk / "sweeps")))  # refused before Ray or a server starts
+    assert sorted(path.name for path in small_disk.iterdir()) == ["ballast"]  # no run directory, no storage folder
 
     (small_disk / "ballast").unlink()
+    run_dir = RunDir(small_disk / "run")
+    run_dir.root.mkdir()
     reserve = SpaceReserve(run_dir)
     reserve.hold()
     fill(small_disk, small_disk / "ballast", 0)  # no trial fails: nothing writes
